@@ -1,0 +1,1 @@
+"""Proxy -> target score alignment adapters (the [align] issue fills this package)."""

@@ -1,0 +1,1 @@
+"""Selection policies: scores -> kept positions (the [policies] issue fills this package)."""
