@@ -148,7 +148,7 @@ def _format(label: str, row: dict) -> str:
     if "gb_per_s" in row:
         parts.append(f"{row['gb_per_s']:8.1f} GB/s")
     if "tflop_per_s" in row:
-        parts.append(f"{row['tflop_per_s']:7.2f} TFLOP/s")
+        parts.append(f"{row['tflop_per_s']:.3g} TFLOP/s")
     if "speedup" in row:
         parts.append(f"x{row['speedup']:.2f} vs {row['baseline']['name']} "
                      f"({row['baseline']['median_ms']:.3f} ms)")

@@ -37,13 +37,16 @@ def triton_installed() -> bool:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """How to run one op: its torch implementation and where its Triton launcher lives.
+    """How to run one op: its public function, its torch implementation and where its Triton
+    launcher lives.
 
     ``triton_launcher`` is ``"module:function"`` and is imported only when first needed.
-    ``example`` builds small inputs ``(args, kwargs)`` on a device, for ``proxykv selfcheck``.
+    ``example`` builds small inputs ``(args, kwargs)`` on a device, for ``proxykv selfcheck``:
+    ``api(*args, impl=..., **kwargs)`` is compared with ``reference(*args, **kwargs)``.
     """
 
     name: str
+    api: Callable[..., Any]
     torch_impl: Callable[..., Any]
     triton_launcher: str
     reference: Callable[..., Any]

@@ -67,24 +67,32 @@ class Selection:
         return cls(ordered, None, b, l, h, seq_len, float(k if budget is None else budget))
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, budget: float | None = None) -> Selection:
-        """From a bool keep-mask ``[B, L, H_kv, T]``. The result is ragged unless every head keeps
-        the same count, in which case it is uniform."""
-        if mask.dim() != 4 or mask.dtype != torch.bool:
+    def from_mask(cls, mask: torch.Tensor, budget: float | None = None, *,
+                  allow_uniform: bool = True) -> Selection:
+        """From a bool keep-mask ``[B, L, H_kv, T]``.
+
+        Uniform when ``allow_uniform`` and every head keeps the same count, ragged otherwise.
+        ``budget`` is recorded as given (None: the mean count kept). Linear in the mask size:
+        ``nonzero`` walks the mask in order, so each head's positions come out ascending.
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool 4-D tensor [B, L, H_kv, T], got "
-                             f"{mask.dtype} of shape {tuple(mask.shape)}")
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} of shape "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
         b, l, h, t = mask.shape
-        counts = mask.sum(dim=-1)  # [B, L, H]
-        mean_count = float(counts.float().mean()) if counts.numel() else 0.0
-        budget = mean_count if budget is None else float(budget)
-        if counts.numel() and bool((counts == counts.flatten()[0]).all()):
-            k = int(counts.flatten()[0])
-            positions = torch.arange(t, device=mask.device).expand(b, l, h, t)
-            # Sorting "kept first, then by position" gives the kept positions in ascending order.
-            order_key = torch.where(mask, positions, positions + t)
-            kept = order_key.sort(dim=-1).values[..., :k]
-            return cls(kept.to(torch.int32), None, b, l, h, t, budget)
-        return cls.from_mask_ragged(mask, budget)
+        counts = mask.sum(-1)  # [B, L, H]
+        mean_count = float(counts.double().mean()) if counts.numel() else 0.0
+        recorded = mean_count if budget is None else float(budget)
+        if allow_uniform and counts.numel():
+            low, high = torch.stack([counts.min(), counts.max()]).tolist()
+            if low == high:
+                positions = (mask.reshape(-1).nonzero().squeeze(1) % max(t, 1)).to(torch.int32)
+                return cls(positions.view(b, l, h, high), None, b, l, h, t, recorded)
+        layer_major = mask.permute(1, 0, 2, 3).reshape(-1)  # segments ordered (l, b, h)
+        positions = (layer_major.nonzero().squeeze(1) % max(t, 1)).to(torch.int32)
+        cu_seqlens = torch.zeros(l * b * h + 1, dtype=torch.int32, device=mask.device)
+        cu_seqlens[1:] = counts.permute(1, 0, 2).reshape(-1).cumsum(0)
+        return cls(positions, cu_seqlens, b, l, h, t, recorded)
 
     # ----------------------------------------------------------------- views
     @property
@@ -137,19 +145,7 @@ class Selection:
         """The same selection in ragged form (a uniform one becomes equal-length segments)."""
         if self.is_ragged:
             return self
-        return Selection.from_mask_ragged(self.to_mask(), self.budget)
-
-    @classmethod
-    def from_mask_ragged(cls, mask: torch.Tensor, budget: float | None = None) -> Selection:
-        """Like ``from_mask`` but always ragged."""
-        b, l, h, t = mask.shape
-        flat = mask.permute(1, 0, 2, 3).reshape(-1, t)  # segments in (l, b, h) order
-        # nonzero() walks row-major: segment by segment, positions ascending.
-        indices = flat.nonzero()[:, 1].to(torch.int32)
-        cu_seqlens = torch.zeros(flat.shape[0] + 1, dtype=torch.int32, device=mask.device)
-        cu_seqlens[1:] = flat.sum(dim=-1).cumsum(0)
-        mean_count = float(flat.sum(dim=-1).float().mean()) if flat.numel() else 0.0
-        return cls(indices, cu_seqlens, b, l, h, t, mean_count if budget is None else float(budget))
+        return Selection.from_mask(self.to_mask(), self.budget, allow_uniform=False)
 
     def validate(self) -> None:
         """Raise ``ValueError`` unless the layout invariants hold (shapes, dtypes, sorted, unique,

@@ -1,8 +1,14 @@
 """The console script's commands."""
 
 import os
+import re
 import subprocess
 import sys
+
+import proxykv.kernels  # noqa: F401  (registers the ops)
+from proxykv._backend import registered_ops
+
+OPS = sorted(registered_ops())
 
 
 def _run(*args):
@@ -14,9 +20,10 @@ def _run(*args):
 def test_selfcheck_runs_torch_and_interpreted_triton_and_agrees():
     result = _run("selfcheck")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "pool_scores  impl=torch" in result.stdout
-    assert "pool_scores  impl=triton" in result.stdout
-    assert "checks agree with the reference" in result.stdout
+    for op in OPS:
+        for impl in ("torch", "triton"):
+            assert re.search(rf"^  {op} +impl={impl} .* ok ", result.stdout, re.M), (op, impl)
+    assert f"{2 * len(OPS)}/{2 * len(OPS)} checks agree with the reference" in result.stdout
     assert "MISMATCH" not in result.stdout
 
 
@@ -29,4 +36,5 @@ def test_selfcheck_without_interpreter_runs_torch_only():
 def test_backends_lists_each_op():
     result = _run("backends", "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("pool_scores: torch (")
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == OPS
+    assert all(": torch (" in line for line in result.stdout.splitlines())

@@ -17,6 +17,11 @@ class CompileSpec:
     ``signature`` maps every non-constexpr argument to a Triton type (``"*fp16"``, ``"i32"``,
     ``"i64"``, ``"fp32"``); ``constexprs`` gives every ``tl.constexpr`` argument a value.
     ``uses_dot`` marks kernels whose inner loop is a ``tl.dot`` and must emit tensor-core code.
+
+    The check compiles the variant Triton builds at run time for the usual, aligned call: every
+    pointer and every argument named ``stride_*`` is marked divisible by 16, and the arguments in
+    ``unit_strides`` (the innermost stride of a contiguous head dim) are specialised to 1. That
+    variant vectorises and pipelines the most, so it also needs the most shared memory.
     """
 
     name: str
@@ -26,6 +31,7 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     uses_dot: bool = False
+    unit_strides: tuple[str, ...] = ()
 
 
 TRITON_POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32",

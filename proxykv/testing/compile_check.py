@@ -4,7 +4,7 @@ Triton's interpreter accepts code the compiler rejects, so on a CPU-only machine
 that the GPU path builds. Run as a module with ``TRITON_INTERPRET`` unset (Triton fixes the mode
 when kernels are defined, and the compiler cannot run on interpreted definitions)::
 
-    python -m proxykv.testing.compile_check [--arch 90 --arch 80]
+    python -m proxykv.testing.compile_check [--arch 90 --arch 80] [--jobs N]
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
 memory), ``shared_limit``, ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``.
@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 # Bytes of shared memory one block may use (opt-in maximum) per compute capability.
 SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -52,11 +54,16 @@ def compile_spec(spec, arch: int) -> dict:
     result = {"name": spec.name, "arch": arch, "uses_dot": spec.uses_dot,
               "shared_limit": SHARED_MEMORY_LIMIT[arch]}
     try:
-        source = ASTSource(
-            fn=_jit_function(spec.kernel),
-            signature={**spec.signature, **{name: "constexpr" for name in spec.constexprs}},
-            constexprs=dict(spec.constexprs),
-        )
+        kernel = _jit_function(spec.kernel)
+        constexprs = {**spec.constexprs, **{name: 1 for name in spec.unit_strides}}
+        signature = {name: kind for name, kind in spec.signature.items()
+                     if name not in spec.unit_strides}
+        aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+                   for name, kind in signature.items()
+                   if kind.startswith("*") or name.startswith("stride")}
+        source = ASTSource(fn=kernel,
+                           signature={**signature, **{name: "constexpr" for name in constexprs}},
+                           constexprs=constexprs, attrs=aligned)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps,
                                            "num_stages": spec.num_stages})
@@ -69,21 +76,33 @@ def compile_spec(spec, arch: int) -> dict:
     return result
 
 
+def _compile_by_index(job: tuple[int, int]) -> dict:
+    index, arch = job
+    return compile_spec(collect_specs()[index], arch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--name", help="compile only specs whose name contains this")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
     from proxykv._backend import interpreter_enabled
 
     if interpreter_enabled():
         print("compile_check must run with TRITON_INTERPRET unset", file=sys.stderr)
         return 2
-    for spec in collect_specs():
-        if args.name and args.name not in spec.name:
-            continue
-        for arch in args.arch or sorted(SHARED_MEMORY_LIMIT, reverse=True):
-            print(json.dumps(compile_spec(spec, arch)), flush=True)
+    specs = collect_specs()
+    jobs = [(index, arch) for index, spec in enumerate(specs)
+            if not args.name or args.name in spec.name
+            for arch in args.arch or sorted(SHARED_MEMORY_LIMIT, reverse=True)]
+    if args.jobs <= 1:
+        results = map(_compile_by_index, jobs)
+    else:
+        results = ProcessPoolExecutor(max_workers=args.jobs).map(_compile_by_index, jobs)
+    for result in results:
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -57,6 +57,7 @@ def _example(device: torch.device):
 
 register_op(OpSpec(
     name="pool_scores",
+    api=pool_scores,
     torch_impl=pool_scores_torch,
     triton_launcher="proxykv.kernels.pool.triton_impl:pool_scores_triton",
     reference=lambda scores, kernel_size, mode="max": pool_scores_reference(

@@ -103,6 +103,7 @@ COMPILE_SPECS = [
             "length": "i32", "half_window": "i32",
         },
         constexprs={"IS_MAX": mode == "max", "BLOCK_T": block_t},
+        unit_strides=("stride_t",),
     )
     for mode in ("max", "avg")
     for block_t in (16, 1024)

@@ -1,0 +1,354 @@
+"""``RaggedKVCache``: a KV cache compacted per head (each KV head keeps its own number of positions),
+that decode steps can append to and attend over.
+
+Layout of one layer (``S = B * H_kv`` segments, segment ``s = b * H_kv + h``)::
+
+    keys, values   [C, D]   segment s occupies rows cu_seqlens[s] ... cu_seqlens[s + 1] - 1;
+                            its first seq_lens[s] rows are valid, the rest is spare room
+    positions      [C]      int32 original position id of every valid row (prefill positions,
+                            then the positions of appended tokens)
+    cu_seqlens     [S + 1]  int32 segment bounds (room included), from 0 to C
+    seq_lens       [S]      int32 valid rows per segment
+
+This is exactly what ``ragged_decode_attention(q, keys, values, cu_seqlens, seq_lens=seq_lens)``
+reads, so a decode step needs no repacking: ``append`` writes each head's new row at
+``cu_seqlens[s] + seq_lens[s]`` and bumps ``seq_lens`` — O(B · H_kv · D) work, no sync, no copy of
+the cache.
+
+Growth. Every decode step adds one row to *every* segment, so all segments get the same spare
+room, ``spare`` rows. When a step does not fit, the layer is repacked into new storage with
+``spare = max(rows needed, 2 × previous spare, ceil(growth × mean segment length))``. The number of
+repacks is therefore logarithmic in the number of steps, and once the spare is ``growth`` of the
+cache each repack buys ``growth × size`` appended rows for a copy of ``size`` rows: amortised
+``1 / growth`` row copies per appended row. Pass ``reserve_steps = max_new_tokens`` to never
+repack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from proxykv._validation import check_int, check_tensor
+from proxykv.kernels.decode.api import ragged_decode_attention
+from proxykv.kernels.gather.api import gather_kv_ragged
+from proxykv.selection import Selection
+
+COPY_CHUNK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class RaggedLayer:
+    """One layer of a ``RaggedKVCache`` in the layout ``ragged_decode_attention`` takes (see the
+    module docstring): views of the cache's storage and a snapshot of ``max_seq_len``. Take a
+    fresh one after every ``append`` (which bumps ``seq_lens`` in place and may repack)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    seq_lens: torch.Tensor
+    max_seq_len: int
+
+
+class _LayerStorage:
+    """Mutable state of one layer: its device tensors and host-side bookkeeping.
+
+    Every append adds the same number of rows to every segment, so the host keeps the lengths as
+    of the last (re)pack plus one count of rows appended since: O(1) per append for any B·H_kv.
+    """
+
+    def __init__(self, keys, values, positions, cu_seqlens, seq_lens, packed_lengths: list[int],
+                 spare: int, next_position: int):
+        self.keys, self.values, self.positions = keys, values, positions
+        self.cu_seqlens, self.seq_lens = cu_seqlens, seq_lens
+        self.packed_lengths = packed_lengths  # valid rows per segment at the last (re)pack
+        self.longest_packed = max(packed_lengths, default=0)
+        self.appended = 0                     # rows appended to every segment since then
+        self.spare = spare                    # free rows left in every segment
+        self.reserved = spare                 # spare given at the last (re)pack
+        self.next_position = next_position
+
+    @property
+    def lengths(self) -> list[int]:
+        return [length + self.appended for length in self.packed_lengths]
+
+    @property
+    def max_length(self) -> int:
+        return self.longest_packed + self.appended if self.packed_lengths else 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, self.positions, self.cu_seqlens, self.seq_lens]
+
+
+def _room_bounds(lengths: list[int], spare: int,
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+    """int32 bounds ``[S + 1]`` of segments holding ``lengths`` rows plus ``spare`` each, and the
+    total row count (computed on the host: no sync)."""
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length + spare)
+    return torch.tensor(bounds, dtype=torch.int32, device=device), bounds[-1]
+
+
+def _packed_to_room_rows(lengths: list[int], room_bounds: torch.Tensor) -> torch.Tensor:
+    """int64 ``[sum(lengths)]``: the row in the room layout of each packed (valid) entry."""
+    device = room_bounds.device
+    counts = torch.tensor(lengths, dtype=torch.int64, device=device)
+    total = sum(lengths)
+    segments = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts,
+                                       output_size=total)
+    packed_starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(total, device=device) - packed_starts[segments] + room_bounds[segments]
+
+
+def _copy_rows(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor,
+               src_rows: torch.Tensor) -> None:
+    """``dst[dst_rows] = src[src_rows]`` through bounded temporaries."""
+    for start in range(0, dst_rows.numel(), COPY_CHUNK_ROWS):
+        stop = start + COPY_CHUNK_ROWS
+        dst[dst_rows[start:stop]] = src[src_rows[start:stop]]
+
+
+class RaggedKVCache:
+    """Per-head compacted KV cache of a whole model; see the module docstring for the layout.
+
+    Build it with ``from_selection``; then per decode step and layer, ``append`` the new token's
+    K/V and ``attend`` with its query.
+
+    Attributes:
+        num_layers, batch_size, num_kv_heads, head_dim, dtype, device: the cache's geometry.
+        num_repacks: how many times a layer's storage was reallocated to grow (all layers).
+    """
+
+    def __init__(self, layers: list[_LayerStorage], batch_size: int, num_kv_heads: int,
+                 growth: float):
+        self._layers = layers
+        self.batch_size = batch_size
+        self.num_kv_heads = num_kv_heads
+        self.growth = growth
+        self.num_repacks = 0
+        first = layers[0].keys
+        self.head_dim, self.dtype, self.device = first.shape[1], first.dtype, first.device
+
+    # --------------------------------------------------------------------------- construction
+    @classmethod
+    def from_selection(
+        cls,
+        past_key_values: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        selection: Selection,
+        *,
+        reserve_steps: int = 256,
+        growth: float = 0.125,
+        check_indices: bool = True,
+        impl: str | None = None,
+    ) -> RaggedKVCache:
+        """Compact a full cache: keep, per layer and KV head, the positions ``selection`` lists.
+
+        Args:
+            past_key_values: one ``(keys, values)`` pair per layer, each ``[B, H_kv, T, D]``
+                (any strides; e.g. ``[(layer.keys, layer.values) for layer in
+                dynamic_cache.layers]`` for a transformers ``DynamicCache``), all of one dtype and
+                device. Not modified; free it afterwards to reclaim the memory.
+            selection: uniform or ragged ``Selection`` of shape ``(B, L, H_kv, T)`` matching the
+                cache. Its indices are moved to the cache's device if needed.
+            reserve_steps: spare rows per segment allocated up front (decode steps before the
+                first repack).
+            growth: on a repack the spare becomes at least ``growth`` × the mean segment length.
+            check_indices: validate the selection's values (one device sync per layer); see
+                ``gather_kv_ragged``.
+            impl: backend of the gather (see ``proxykv.backend_info``).
+        """
+        if not isinstance(selection, Selection):
+            raise TypeError(f"selection must be a proxykv.Selection, got "
+                            f"{type(selection).__name__}")
+        b, _, h_kv, seq_len = selection.shape
+        check_int("reserve_steps", reserve_steps, minimum=0)
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 0:
+            raise ValueError(f"growth must be a positive number, got {growth!r}")
+        pairs = cls._check_past_key_values(past_key_values, selection)
+        device = pairs[0][0].device
+        counts = selection.counts().cpu()  # [B, L, H_kv]: the one host read of the lengths
+        layers = []
+        for layer_index, (k, v) in enumerate(pairs):
+            lengths = counts[:, layer_index].reshape(-1).tolist()
+            view = selection.layer(layer_index)
+            indices = view.indices.reshape(-1).to(device)
+            if view.is_ragged:
+                cu_seqlens = view.cu_seqlens.to(device)
+            else:
+                cu_seqlens = torch.arange(b * h_kv + 1, dtype=torch.int32, device=device) * \
+                    view.indices.shape[-1]
+            room, rows = _room_bounds(lengths, reserve_steps, device)
+            keys = torch.empty(rows, k.shape[-1], dtype=k.dtype, device=device)
+            values = torch.empty(rows, v.shape[-1], dtype=v.dtype, device=device)
+            gather_kv_ragged(k, v, indices, cu_seqlens, out=(keys, values), out_cu_seqlens=room,
+                             check_indices=check_indices, impl=impl)
+            positions = torch.empty(rows, dtype=torch.int32, device=device)
+            positions[_packed_to_room_rows(lengths, room)] = indices
+            layers.append(_LayerStorage(
+                keys, values, positions, room,
+                torch.tensor(lengths, dtype=torch.int32, device=device), lengths,
+                spare=reserve_steps, next_position=seq_len))
+        return cls(layers, b, h_kv, float(growth))
+
+    @staticmethod
+    def _check_past_key_values(past_key_values, selection: Selection):
+        b, num_layers, h_kv, seq_len = selection.shape
+        if not isinstance(past_key_values, Sequence) or len(past_key_values) != num_layers:
+            got = len(past_key_values) if isinstance(past_key_values, Sequence) else \
+                type(past_key_values).__name__
+            raise ValueError(f"past_key_values must be a sequence of {num_layers} (keys, values) "
+                             f"pairs (one per layer of the selection), got {got}")
+        pairs = []
+        for layer_index, pair in enumerate(past_key_values):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"past_key_values[{layer_index}] must be a (keys, values) pair, "
+                                f"got {type(pair).__name__}")
+            for name, tensor in zip(("keys", "values"), pair):
+                label = f"past_key_values[{layer_index}] {name}"
+                check_tensor(label, tensor, ndim=4, layout="[B, H_kv, T, D]")
+                if tuple(tensor.shape[:3]) != (b, h_kv, seq_len):
+                    raise ValueError(f"{label} must have shape [B, H_kv, T, D] = [{b}, {h_kv}, "
+                                     f"{seq_len}, D] (from the selection), got "
+                                     f"{tuple(tensor.shape)}")
+                first = past_key_values[0][0]
+                if tensor.dtype != first.dtype or tensor.device != first.device:
+                    raise ValueError(f"{label} is {tensor.dtype} on {tensor.device}; every layer "
+                                     f"must match layer 0 ({first.dtype} on {first.device})")
+            pairs.append(tuple(pair))
+        return pairs
+
+    # --------------------------------------------------------------------------- views
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        kept = sum(sum(state.lengths) for state in self._layers)
+        return (f"RaggedKVCache(layers={self.num_layers}, B={self.batch_size}, "
+                f"H_kv={self.num_kv_heads}, D={self.head_dim}, {self.dtype}, {self.device}, "
+                f"rows kept={kept}, nbytes={self.nbytes})")
+
+    def layer(self, layer_index: int) -> RaggedLayer:
+        """The decode view of one layer (see ``RaggedLayer``)."""
+        state = self._layer(layer_index)
+        return RaggedLayer(state.keys, state.values, state.positions, state.cu_seqlens,
+                           state.seq_lens, state.max_length)
+
+    def lengths(self, layer_index: int) -> torch.Tensor:
+        """int64 ``[B, H_kv]`` (CPU): valid rows per head, read from the host copy (no sync)."""
+        return torch.tensor(self._layer(layer_index).lengths).reshape(self.batch_size,
+                                                                      self.num_kv_heads)
+
+    def next_position(self, layer_index: int) -> int:
+        """The position id the next appended token of this layer gets (``T`` + appended steps)."""
+        return self._layer(layer_index).next_position
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the cache holds: K, V, positions and metadata of every layer,
+        spare room included (each distinct storage counted once, at its allocated size)."""
+        seen, total = set(), 0
+        for state in self._layers:
+            for tensor in state.tensors():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
+
+    def to_packed(self, layer_index: int):
+        """``(keys [N, D], values [N, D], cu_seqlens [S + 1], positions [N])`` of one layer with
+        the spare room squeezed out (new tensors; the ``gather_kv_ragged`` output layout)."""
+        state = self._layer(layer_index)
+        lengths = state.lengths
+        rows = _packed_to_room_rows(lengths, state.cu_seqlens.long())
+        cu_seqlens = _room_bounds(lengths, 0, self.device)[0]
+        return state.keys[rows], state.values[rows], cu_seqlens, state.positions[rows]
+
+    # --------------------------------------------------------------------------- decode
+    def append(self, layer_index: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Add new tokens' keys/values to every head of one layer.
+
+        ``k_new``, ``v_new``: ``[B, H_kv, D]`` (one token) or ``[B, H_kv, t, D]`` (``t`` tokens),
+        dtype and device of the cache, any strides. Their positions are recorded as
+        ``next_position(layer_index)`` onwards. Grows the layer (a repack) only when the spare
+        room is used up.
+        """
+        state = self._layer(layer_index)
+        k_new = self._check_new("k_new", k_new)
+        v_new = self._check_new("v_new", v_new)
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"v_new must have the shape of k_new {tuple(k_new.shape)}, got "
+                             f"{tuple(v_new.shape)}")
+        steps = k_new.shape[2]
+        if steps == 0:
+            return
+        if state.spare < steps:
+            self._repack(state, steps)
+        num_segments = self.batch_size * self.num_kv_heads
+        offsets = torch.arange(steps, device=self.device)
+        rows = ((state.cu_seqlens[:-1] + state.seq_lens).long()[:, None] + offsets).reshape(-1)
+        state.keys[rows] = k_new.reshape(num_segments * steps, self.head_dim)
+        state.values[rows] = v_new.reshape(num_segments * steps, self.head_dim)
+        state.positions[rows] = (state.next_position + offsets).to(torch.int32).repeat(
+            num_segments)
+        state.seq_lens += steps
+        state.appended += steps
+        state.spare -= steps
+        state.next_position += steps
+
+    def attend(self, layer_index: int, q: torch.Tensor, *, scale: float | None = None,
+               impl: str | None = None) -> torch.Tensor:
+        """``ragged_decode_attention`` of ``q [B, H_q, D]`` over one layer: ``[B, H_q, D]``.
+
+        The metadata is the cache's own, so it is not re-validated (no device sync)."""
+        view = self.layer(layer_index)
+        return ragged_decode_attention(q, view.keys, view.values, view.cu_seqlens,
+                                       seq_lens=view.seq_lens, scale=scale,
+                                       max_seq_len=view.max_seq_len, check_segments=False,
+                                       impl=impl)
+
+    # --------------------------------------------------------------------------- internals
+    def _layer(self, layer_index: int) -> _LayerStorage:
+        check_int("layer_index", layer_index, minimum=0, maximum=self.num_layers - 1)
+        return self._layers[layer_index]
+
+    def _check_new(self, name: str, tensor) -> torch.Tensor:
+        check_tensor(name, tensor, layout="[B, H_kv, D] or [B, H_kv, t, D]",
+                     dtypes=(self.dtype,))
+        if tensor.dim() == 3:
+            tensor = tensor.unsqueeze(2)
+        expected = (self.batch_size, self.num_kv_heads)
+        if tensor.dim() != 4 or tuple(tensor.shape[:2]) != expected or \
+                tensor.shape[-1] != self.head_dim:
+            raise ValueError(f"{name} must be [B, H_kv, D] or [B, H_kv, t, D] with B = "
+                             f"{self.batch_size}, H_kv = {self.num_kv_heads}, D = "
+                             f"{self.head_dim}, got shape {tuple(tensor.shape)}")
+        if tensor.device != self.device:
+            raise ValueError(f"{name} must be on {self.device} (the cache's device), got "
+                             f"{tensor.device}")
+        return tensor
+
+    def _repack(self, state: _LayerStorage, steps: int) -> None:
+        lengths = state.lengths
+        mean_length = sum(lengths) / max(1, len(lengths))
+        spare = max(steps, 2 * state.reserved, math.ceil(self.growth * mean_length))
+        room, rows = _room_bounds(lengths, spare, self.device)
+        src = _packed_to_room_rows(lengths, state.cu_seqlens.long())
+        dst = _packed_to_room_rows(lengths, room.long())
+        keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
+        positions = torch.empty(rows, dtype=torch.int32, device=self.device)
+        for new, old in ((keys, state.keys), (values, state.values),
+                         (positions, state.positions)):
+            _copy_rows(new, dst, old, src)
+        state.keys, state.values, state.positions, state.cu_seqlens = keys, values, positions, room
+        state.packed_lengths, state.longest_packed = lengths, max(lengths, default=0)
+        state.appended = 0
+        state.spare = state.reserved = spare
+        self.num_repacks += 1

@@ -1,0 +1,3 @@
+from proxykv.kernels.attention.api import QUERY_REDUCTIONS, attention_scores
+
+__all__ = ["QUERY_REDUCTIONS", "attention_scores"]

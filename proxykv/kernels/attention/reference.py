@@ -1,0 +1,37 @@
+"""Naive oracle for ``attention_scores``: materialises the full softmax in float64."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_scores_reference(q, k, *, scale, causal, q_offset, reduce, group_reduce,
+                               key_valid_len=None, lse=None):
+    b, h_q, t_q, _ = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    qd, kd = q.double(), k.double().repeat_interleave(group, dim=1)
+    logits = scale * qd @ kd.transpose(-1, -2)  # [B, H_q, T_q, T_k]
+    key_pos = torch.arange(t_k)
+    visible = torch.ones(b, 1, t_q, t_k, dtype=torch.bool)
+    if causal:
+        query_pos = q_offset + torch.arange(t_q)
+        visible &= key_pos[None, :] <= query_pos[:, None]
+    key_valid = torch.ones(b, t_k, dtype=torch.bool)
+    if key_valid_len is not None:
+        key_valid = key_pos[None, :] < key_valid_len.cpu().long()[:, None]
+        visible &= key_valid[:, None, None, :]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    row_lse = torch.logsumexp(logits, dim=-1, keepdim=True) if lse is None \
+        else lse.double()[..., None]
+    probs = torch.exp(logits - row_lse)
+    probs = torch.where(visible & torch.isfinite(row_lse), probs, 0.0)
+    if reduce == "sum":
+        per_head = probs.sum(dim=2)
+    elif reduce == "mean":
+        per_head = probs.sum(dim=2) / t_q
+    else:
+        per_head = probs.amax(dim=2)
+    grouped = per_head.view(b, h_kv, group, t_k)
+    scores = grouped.mean(dim=2) if group_reduce == "mean" else grouped.amax(dim=2)
+    return scores.masked_fill(~key_valid[:, None, :], float("-inf")).float()

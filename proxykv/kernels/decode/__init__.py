@@ -1,0 +1,3 @@
+from proxykv.kernels.decode.api import ragged_decode_attention
+
+__all__ = ["ragged_decode_attention"]

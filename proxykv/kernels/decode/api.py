@@ -1,0 +1,168 @@
+"""Public entry point of decode attention over a ragged (per-head compacted) KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from proxykv._backend import OpSpec, dispatch, register_op
+from proxykv._validation import (
+    FLOAT_DTYPES,
+    check_gqa,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from proxykv.kernels.decode.reference import ragged_decode_attention_reference
+from proxykv.kernels.decode.torch_impl import ragged_decode_attention_torch
+from proxykv.kernels.gather.api import bounds_statistics, raise_for_bounds
+
+
+def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None,
+                          rows: int, h_kv: int) -> int:
+    """Check the segment metadata's values in one device sync; returns the longest segment."""
+    stats = bounds_statistics(cu_seqlens)
+    capacity = cu_seqlens[1:] - cu_seqlens[:-1]
+    if seq_lens is not None:
+        too_long = seq_lens > capacity
+        first_too_long = torch.where(too_long, torch.arange(too_long.numel(),
+                                                            device=too_long.device),
+                                     too_long.numel()).min()
+        stats += [seq_lens.min().long(), first_too_long, seq_lens.max().long()]
+    else:
+        stats.append(capacity.max().long())
+    values = torch.stack(stats).tolist()
+    raise_for_bounds("cu_seqlens", values[:3], total=rows,
+                     total_what="N = k_packed.shape[0]")
+    if seq_lens is not None:
+        lowest, first_too_long, longest = values[3:]
+        if lowest < 0:
+            raise ValueError(f"seq_lens must be >= 0, got a minimum of {lowest}")
+        if first_too_long < seq_lens.numel():
+            s = first_too_long
+            raise ValueError(
+                f"seq_lens[{s}] (segment b={s // h_kv}, h={s % h_kv}) = {int(seq_lens[s])} "
+                f"exceeds the segment's room cu_seqlens[{s + 1}] - cu_seqlens[{s}] = "
+                f"{int(cu_seqlens[s + 1] - cu_seqlens[s])}")
+        return longest
+    return values[3]
+
+
+def ragged_decode_attention(
+    q: torch.Tensor,
+    k_packed: torch.Tensor,
+    v_packed: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    seq_lens: torch.Tensor | None = None,
+    scale: float | None = None,
+    max_seq_len: int | None = None,
+    check_segments: bool = True,
+    impl: str | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over a per-head compacted KV cache.
+
+    Segment ``s = b * H_kv + h`` holds the kept K/V rows of KV head ``h`` of batch ``b`` (the
+    layout ``gather_kv_ragged`` produces). Query head ``hq`` of batch ``b`` attends over the rows
+    of segment ``b * H_kv + hq // (H_q // H_kv)`` with ``softmax(scale * q · k)``; positions need no
+    mask (every kept row is visible to the newest token) and keep the RoPE applied at prefill.
+
+    Two layouts are accepted:
+
+    * **packed** (``seq_lens=None``): segment ``s`` is rows ``cu_seqlens[s] … cu_seqlens[s + 1]-1``;
+    * **with spare room** (``seq_lens`` given): segment ``s`` *starts* at row ``cu_seqlens[s]`` and
+      its first ``seq_lens[s]`` rows are valid; rows up to ``cu_seqlens[s + 1]`` are spare room for
+      decode steps to append into without repacking (``RaggedKVCache``'s layout).
+
+    Args:
+        q: ``[B, H_q, D]`` float16/bfloat16/float32, any strides; ``H_q`` a multiple of
+            ``H_kv = (len(cu_seqlens) - 1) / B``.
+        k_packed, v_packed: ``[N, D]``, dtype and device of ``q``, any strides.
+        cu_seqlens: int32 ``[B * H_kv + 1]``, starting at 0, non-decreasing, ending at ``N``.
+        seq_lens: optional int32 ``[B * H_kv]``, ``0 <= seq_lens[s] <= cu_seqlens[s+1] -
+            cu_seqlens[s]``.
+        scale: logit scale, default ``D ** -0.5``.
+        max_seq_len: the longest segment's valid length, if the caller knows it without reading
+            the device (``RaggedKVCache`` does). The Triton path sizes its grid from it; when None
+            it is read from ``cu_seqlens``/``seq_lens`` (a device sync).
+        check_segments: verify the metadata values (monotone bounds from 0 to N, ``seq_lens``
+            within each segment's room, ``max_seq_len`` not short). One device sync. Pass False
+            on a hot path whose metadata is known good (``RaggedKVCache`` does).
+        impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
+
+    Returns:
+        ``[B, H_q, D]`` in the dtype of ``q``, contiguous. A query head whose segment has no
+        valid row outputs zeros.
+
+    Not checked: NaN/inf in the inputs; with ``check_segments=False``, the metadata values —
+    out-of-range bounds read arbitrary memory and a ``max_seq_len`` shorter than a segment
+    makes the Triton path ignore that segment's rows past it.
+    """
+    check_tensor("q", q, ndim=3, layout="[B, H_q, D]", dtypes=FLOAT_DTYPES)
+    check_tensor("k_packed", k_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
+    check_tensor("v_packed", v_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
+    check_same_dtype(q=q, k_packed=k_packed, v_packed=v_packed)
+    device = check_same_device(q=q, k_packed=k_packed, v_packed=v_packed, cu_seqlens=cu_seqlens,
+                               seq_lens=seq_lens)
+    b, h_q, d = q.shape
+    if d < 1 or b < 1:
+        raise ValueError(f"q needs B >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if k_packed.shape[1] != d or v_packed.shape != k_packed.shape:
+        raise ValueError(f"k_packed and v_packed must both be [N, D] with D = {d} (the head dim of "
+                         f"q), got {tuple(k_packed.shape)} and {tuple(v_packed.shape)}")
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B * H_kv + 1]",
+                 dtypes=(torch.int32,))
+    num_segments = cu_seqlens.numel() - 1
+    if num_segments < 1 or num_segments % b:
+        raise ValueError(f"cu_seqlens must have B * H_kv + 1 entries with B = {b} (from q), got "
+                         f"{cu_seqlens.numel()}")
+    h_kv = num_segments // b
+    check_gqa(h_q, h_kv)
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, ndim=1, layout="[B * H_kv]", dtypes=(torch.int32,))
+        if seq_lens.numel() != num_segments:
+            raise ValueError(f"seq_lens must have B * H_kv = {num_segments} entries (one per "
+                             f"segment of cu_seqlens), got {seq_lens.numel()}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
+            scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if max_seq_len is not None:
+        check_int("max_seq_len", max_seq_len, minimum=0)
+    if check_segments:
+        longest = _check_segment_values(cu_seqlens, seq_lens, k_packed.shape[0], h_kv)
+        if max_seq_len is not None and max_seq_len < longest:
+            raise ValueError(f"max_seq_len = {max_seq_len} is shorter than the longest segment "
+                             f"({longest} rows)")
+        max_seq_len = longest if max_seq_len is None else max_seq_len
+    chosen, run = dispatch("ragged_decode_attention", impl, device)
+    if chosen == "triton" and max_seq_len is None:
+        lengths = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
+        max_seq_len = int(lengths.max())
+    return run(q, k_packed, v_packed, cu_seqlens, seq_lens, scale=float(scale),
+               max_seq_len=max_seq_len)
+
+
+def _example(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    b, h_q, d = 2, 6, 24  # H_kv = 3: six segments
+    lengths = torch.tensor([5, 0, 70, 33, 1, 128])
+    cu_seqlens = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    n = int(lengths.sum())
+    q = torch.randn(b, h_q, d, generator=generator)
+    k = torch.randn(n, d, generator=generator)
+    v = torch.randn(n, d, generator=generator)
+    return tuple(t.to(device) for t in (q, k, v, cu_seqlens)), {}
+
+
+register_op(OpSpec(
+    name="ragged_decode_attention",
+    api=ragged_decode_attention,
+    torch_impl=ragged_decode_attention_torch,
+    triton_launcher="proxykv.kernels.decode.triton_impl:ragged_decode_attention_triton",
+    reference=ragged_decode_attention_reference,
+    example=_example,
+))

@@ -1,0 +1,296 @@
+"""Public entry points of the sparse KV gathers: uniform (same count per head) and ragged (packed
+per-head segments, the layout of ``Selection.layer(l)`` for per-head budgets)."""
+
+from __future__ import annotations
+
+import torch
+
+from proxykv import _validation
+from proxykv._backend import OpSpec, dispatch, register_op
+from proxykv._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dim,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from proxykv.kernels.gather.reference import gather_kv_ragged_reference, gather_kv_reference
+from proxykv.kernels.gather.torch_impl import gather_kv_ragged_torch, gather_kv_torch
+
+# ------------------------------------------------------------------------------------ validation
+
+def check_kv_pair(k, v) -> torch.device:
+    """``k`` and ``v``: ``[B, H_kv, T, D]`` float tensors of one shape, dtype and device."""
+    check_tensor("k", k, ndim=4, layout="[B, H_kv, T, D]", dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, layout="[B, H_kv, T, D]", dtypes=FLOAT_DTYPES)
+    check_same_dtype(k=k, v=v)
+    device = check_same_device(k=k, v=v)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)} [B, H_kv, T, D], got "
+                         f"{tuple(v.shape)}")
+    if k.shape[-1] < 1:
+        raise ValueError(f"k and v need a head dim D >= 1, got shape {tuple(k.shape)}")
+    return device
+
+
+def check_out_pair(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out`` is a pair ``(k_out, v_out)`` of tensors of ``shape``, ``dtype`` and ``device``."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out must be a pair (k_out, v_out) of tensors, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for label, tensor in zip(("out[0]", "out[1]"), out):
+        check_tensor(label, tensor, dtypes=(dtype,))
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{label} must have shape {tuple(shape)} {what}, got "
+                             f"{tuple(tensor.shape)}")
+        if tensor.device != device:
+            raise ValueError(f"{label} must be on {device} (the device of k), got {tensor.device}")
+    return out[0], out[1]
+
+
+def check_cu_seqlens(name: str, cu_seqlens, *, num_segments: int, segments_what: str) -> None:
+    """Shape and dtype of a segment-bounds tensor, int32 ``[num_segments + 1]`` (its values are
+    checked with ``bounds_statistics`` and ``raise_for_bounds``)."""
+    check_tensor(name, cu_seqlens, ndim=1, layout=f"[{segments_what} + 1]", dtypes=(torch.int32,))
+    if cu_seqlens.numel() != num_segments + 1:
+        raise ValueError(f"{name} must have {segments_what} + 1 = {num_segments + 1} entries, got "
+                         f"{cu_seqlens.numel()}")
+
+
+def _first_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of a 1-D bool tensor, or -1, as a 0-D int64 tensor (no sync)."""
+    if mask.numel() == 0:
+        return torch.full((), -1, dtype=torch.int64, device=mask.device)
+    positions = torch.arange(mask.numel(), device=mask.device)
+    first = torch.where(mask, positions, mask.numel()).min()
+    return torch.where(first == mask.numel(), -1, first)
+
+
+def bounds_statistics(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """0-D tensors ``[first, last, first decreasing step or -1]`` of a bounds tensor (no sync)."""
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    return [cu_seqlens[0].long(), cu_seqlens[-1].long(), _first_index(steps < 0)]
+
+
+def raise_for_bounds(name: str, values: list[int], *, total: int, total_what: str) -> None:
+    """Raise if ``bounds_statistics`` (read to the host) show bounds that are not monotone from 0
+    to ``total``."""
+    first, last, decreasing_at = values
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
+    if decreasing_at >= 0:
+        raise ValueError(f"{name} must be non-decreasing (segment lengths >= 0), but "
+                         f"{name}[{decreasing_at + 1}] < {name}[{decreasing_at}]")
+    if last != total:
+        raise ValueError(f"{name} must end at {total_what} = {total}, got {name}[-1] = {last}")
+
+
+def _check_ragged_values(indices: torch.Tensor, cu_seqlens: torch.Tensor, seq_len: int,
+                         h_kv: int, out_cu_seqlens: torch.Tensor | None, out_rows: int) -> None:
+    """Every value check of a ragged gather, read to the host in one device sync."""
+    total = indices.numel()
+    stats = bounds_statistics(cu_seqlens)
+    if out_cu_seqlens is not None:
+        stats += bounds_statistics(out_cu_seqlens)
+        capacity = out_cu_seqlens[1:] - out_cu_seqlens[:-1]
+        stats.append(_first_index(capacity < cu_seqlens[1:] - cu_seqlens[:-1]))
+    if total:
+        # Entry j > 0 must exceed entry j - 1 unless it opens a segment.
+        opens_segment = torch.zeros(total, dtype=torch.bool, device=indices.device)
+        opens_segment[cu_seqlens[:-1].long().clamp(0, total - 1)] = True
+        not_increasing = (indices[1:] <= indices[:-1]) & ~opens_segment[1:]
+        stats += [indices.min().long(), indices.max().long(), _first_index(not_increasing)]
+    values = torch.stack(stats).tolist()
+    raise_for_bounds("cu_seqlens", values[:3], total=total, total_what="N = indices.numel()")
+    if out_cu_seqlens is not None:
+        raise_for_bounds("out_cu_seqlens", values[3:6], total=out_rows,
+                         total_what="the number of rows of out")
+        if values[6] >= 0:
+            segment = values[6]
+            raise ValueError(f"out_cu_seqlens gives segment {segment} room for fewer rows than "
+                             f"cu_seqlens puts in it ({_segment_text(segment, h_kv)})")
+        values = values[:3] + values[7:]
+    if not total:
+        return
+    low, high, unsorted_at = values[3:]
+    if low < 0 or high >= seq_len:
+        raise ValueError(f"indices must lie in [0, T) = [0, {seq_len}), got values in "
+                         f"[{low}, {high}]")
+    if unsorted_at >= 0:
+        position = unsorted_at + 1
+        segment = int(torch.searchsorted(cu_seqlens.long(), torch.tensor(
+            [position], device=cu_seqlens.device), right=True)) - 1
+        raise ValueError(
+            f"indices must be strictly increasing within each segment (ascending, no repeats): "
+            f"segment {segment} ({_segment_text(segment, h_kv)}) has {int(indices[position - 1])} "
+            f"then {int(indices[position])} at packed positions {position - 1}, {position}")
+
+
+def _segment_text(segment: int, h_kv: int) -> str:
+    return f"b={segment // h_kv}, h={segment % h_kv}"
+
+
+# ------------------------------------------------------------------------------------ public ops
+
+def gather_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    check_indices: bool = True,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the same number of positions in every KV head: ``k_sel[b, h, j] = k[b, h, indices[b, h,
+    j]]`` (and the same for ``v``).
+
+    Args:
+        k, v: ``[B, H_kv, T, D]`` float16/bfloat16/float32, same shape, dtype and device, any
+            strides (a slice of a pre-allocated cache, ``[B, T, H, D]`` storage seen through a
+            permute...). Only the kept rows are read; the cache is never copied whole.
+        indices: int32/int64 ``[B, H_kv, n]`` (any strides): the kept positions of each head,
+            ascending and unique, in ``[0, T)`` (``Selection.layer(l).indices`` of a uniform
+            selection). int64 indices are converted to int32 (a copy of the indices only).
+        out: optional pair ``(k_out, v_out)`` of ``[B, H_kv, n, D]`` tensors (dtype and device of
+            ``k``, any strides) written in place and returned. They must not overlap ``k``/``v``.
+        check_indices: verify the values of ``indices`` (range, ascending, unique). This reads them
+            to the host: a device synchronisation per call. Pass False on a hot path whose indices
+            are known good (e.g. made by ``Selection``); out-of-range indices then read arbitrary
+            memory.
+        impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
+
+    Returns:
+        ``(k_sel, v_sel)``, each ``[B, H_kv, n, D]`` in the dtype of ``k`` — ``out`` when given,
+        else new contiguous tensors.
+
+    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, the index values.
+    """
+    device = check_kv_pair(k, v)
+    check_tensor("indices", indices, ndim=3, layout="[B, H_kv, n]", dtypes=INDEX_DTYPES)
+    check_same_device(k=k, indices=indices)
+    b, h_kv, seq_len, d = k.shape
+    check_dim("indices", indices, 0, b, "batch size B")
+    check_dim("indices", indices, 1, h_kv, "KV head count H_kv")
+    n = indices.shape[-1]
+    if out is not None:
+        out = check_out_pair(out, (b, h_kv, n, d), k.dtype, device, "[B, H_kv, n, D]")
+    if check_indices:
+        _validation.check_indices("indices", indices, upper=seq_len, sorted_last_dim=True)
+    _, run = dispatch("gather_kv", impl, device)
+    return run(k, v, indices.to(torch.int32), out)
+
+
+def gather_kv_ragged(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out_cu_seqlens: torch.Tensor | None = None,
+    check_indices: bool = True,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep a different number of positions per KV head and pack them: segment ``s = b * H_kv + h``
+    holds the kept rows of head ``h`` of batch ``b``.
+
+    ``k_packed[cu_seqlens[s] + j] = k[b, h, indices[cu_seqlens[s] + j]]`` for
+    ``0 <= j < cu_seqlens[s + 1] - cu_seqlens[s]`` (and the same for ``v``).
+
+    Args:
+        k, v: ``[B, H_kv, T, D]`` float16/bfloat16/float32, same shape, dtype and device, any
+            strides; only the kept rows are read.
+        indices: int32/int64 ``[N]``: the packed kept positions, ascending and unique within each
+            segment, in ``[0, T)`` (``Selection.layer(l).indices`` of a ragged selection). int64 is
+            converted to int32 (a copy of the indices only); a non-contiguous ``[N]`` view is read
+            through its stride.
+        cu_seqlens: int32 ``[B * H_kv + 1]``: segment bounds, starting at 0, non-decreasing, ending
+            at ``N``. Empty segments (equal neighbours) are allowed.
+        out: optional pair ``(k_out, v_out)`` of ``[M, D]`` tensors (dtype and device of ``k``, any
+            strides), written in place and returned; ``M = N`` unless ``out_cu_seqlens`` is given.
+        out_cu_seqlens: optional int32 ``[B * H_kv + 1]`` (needs ``out``): write segment ``s`` at
+            rows ``out_cu_seqlens[s] …`` of ``out`` instead of ``cu_seqlens[s] …`` — a layout with
+            spare room after each segment, as ``RaggedKVCache`` keeps. Same rules as
+            ``cu_seqlens`` but ending at ``M``, and every segment's room
+            ``out_cu_seqlens[s + 1] - out_cu_seqlens[s]`` at least its length. Rows in the spare
+            room are left untouched.
+        check_indices: verify ``cu_seqlens``, ``out_cu_seqlens`` and the index values (range,
+            ascending and unique within each segment). This reads them to the host: one device
+            synchronisation. With False, bad metadata reads or writes arbitrary memory.
+        impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
+
+    Returns:
+        ``(k_packed, v_packed)``, each ``[N, D]`` (or ``out``) in the dtype of ``k``.
+
+    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, all values.
+    """
+    device = check_kv_pair(k, v)
+    check_tensor("indices", indices, ndim=1, layout="[N]", dtypes=INDEX_DTYPES)
+    b, h_kv, seq_len, d = k.shape
+    check_cu_seqlens("cu_seqlens", cu_seqlens, num_segments=b * h_kv, segments_what="B * H_kv")
+    check_same_device(k=k, indices=indices, cu_seqlens=cu_seqlens, out_cu_seqlens=out_cu_seqlens)
+    total = indices.numel()
+    out_rows = total
+    if out_cu_seqlens is not None:
+        if out is None:
+            raise ValueError("out_cu_seqlens needs out: the buffers the segments are written into")
+        check_cu_seqlens("out_cu_seqlens", out_cu_seqlens, num_segments=b * h_kv,
+                         segments_what="B * H_kv")
+        if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(
+                isinstance(t, torch.Tensor) and t.dim() == 2 for t in out):
+            raise TypeError("out must be a pair (k_out, v_out) of 2-D [M, D] tensors")
+        out_rows = out[0].shape[0]
+    if out is not None:
+        out = check_out_pair(out, (out_rows, d), k.dtype, device,
+                             "[M, D]" if out_cu_seqlens is not None else "[N, D]")
+    if check_indices:
+        _check_ragged_values(indices, cu_seqlens, seq_len, h_kv, out_cu_seqlens, out_rows)
+    _, run = dispatch("gather_kv_ragged", impl, device)
+    return run(k, v, indices.to(torch.int32), cu_seqlens, out, out_cu_seqlens)
+
+
+# ------------------------------------------------------------------------------ registration
+
+def _example_kv(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    storage_k = torch.randn(2, 41, 3, 24, generator=generator)  # [B, T, H, D] storage
+    storage_v = torch.randn(2, 41, 3, 24, generator=generator)
+    return storage_k.to(device).permute(0, 2, 1, 3), storage_v.to(device).permute(0, 2, 1, 3)
+
+
+def _example_uniform(device: torch.device):
+    k, v = _example_kv(device)
+    generator = torch.Generator().manual_seed(1)
+    indices = torch.rand(2, 3, 41, generator=generator).argsort(-1)[..., :17].sort(-1).values
+    return (k, v, indices.to(device)), {}
+
+
+def _example_ragged(device: torch.device):
+    k, v = _example_kv(device)
+    generator = torch.Generator().manual_seed(2)
+    mask = torch.rand(6, 41, generator=generator) < torch.tensor(
+        [0.1, 0.5, 0.0, 1.0, 0.3, 0.7])[:, None]
+    indices = mask.nonzero()[:, 1].to(torch.int32)
+    cu_seqlens = torch.cat([torch.zeros(1), mask.sum(-1).cumsum(0)]).to(torch.int32)
+    return (k, v, indices.to(device), cu_seqlens.to(device)), {}
+
+
+register_op(OpSpec(
+    name="gather_kv",
+    api=gather_kv,
+    torch_impl=gather_kv_torch,
+    triton_launcher="proxykv.kernels.gather.triton_impl:gather_kv_triton",
+    reference=gather_kv_reference,
+    example=_example_uniform,
+))
+
+register_op(OpSpec(
+    name="gather_kv_ragged",
+    api=gather_kv_ragged,
+    torch_impl=gather_kv_ragged_torch,
+    triton_launcher="proxykv.kernels.gather.triton_impl:gather_kv_ragged_triton",
+    reference=gather_kv_ragged_reference,
+    example=_example_ragged,
+))
