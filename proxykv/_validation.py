@@ -149,13 +149,14 @@ def check_indices(
     check_tensor(name, indices, dtypes=INDEX_DTYPES)
     if indices.numel() == 0:
         return
-    low, high = int(indices.min()), int(indices.max())
+    statistics = [indices.min(), indices.max()]
+    if sorted_last_dim and indices.shape[-1] > 1:
+        statistics.append((indices[..., 1:] <= indices[..., :-1]).any().to(indices.dtype))
+    low, high, *unsorted = torch.stack(statistics).tolist()  # one device sync
     if low < 0 or high >= upper:
         raise ValueError(
             f"{name} must lie in [0, {upper}), got values in [{low}, {high}]"
         )
-    if sorted_last_dim and indices.shape[-1] > 1:
-        steps = indices[..., 1:] - indices[..., :-1]
-        if bool((steps <= 0).any()):
-            raise ValueError(f"{name} must be strictly increasing along its last dimension "
-                             "(sorted, no repeats)")
+    if unsorted and unsorted[0]:
+        raise ValueError(f"{name} must be strictly increasing along its last dimension "
+                         "(sorted, no repeats)")

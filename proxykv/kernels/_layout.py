@@ -1,8 +1,11 @@
-"""Stride bookkeeping shared by the Triton launchers."""
+"""Stride bookkeeping shared by the Triton launchers and kernels (imported by ``triton_impl``
+modules only, so importing it may define Triton functions)."""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 MAX_LEADING_DIMS = 3
 
@@ -34,3 +37,13 @@ def leading_dims_as_rows(tensor: torch.Tensor) -> tuple[list[int], list[int]]:
         )
     pad = MAX_LEADING_DIMS - len(sizes)
     return [1] * pad + sizes, [0] * pad + strides
+
+
+@triton.jit
+def row_start(base_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2):
+    """Pointer to the first element of flat row ``row`` of a tensor described by
+    ``leading_dims_as_rows`` (sizes ``[_, rows_1, rows_2]`` and the three strides)."""
+    index_2 = row % rows_2
+    index_1 = (row // rows_2) % rows_1
+    index_0 = row // (rows_2 * rows_1)
+    return base_ptr + index_0 * stride_r0 + index_1 * stride_r1 + index_2 * stride_r2

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from proxykv.kernels._compile import CompileSpec
-from proxykv.kernels._layout import leading_dims_as_rows
+from proxykv.kernels._layout import leading_dims_as_rows, row_start
 
 MAX_BLOCK_T = 1024
 MAX_GROUP_BLOCK = 8
@@ -89,10 +89,7 @@ def aggregate_scores_fwd_kernel(
     # POOL: 0 none, 1 max, 2 avg over the window's valid entries. STAT: 0 none, 1 sum|x|, 2 max|x|.
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
-    index_2 = row % rows_2
-    index_1 = (row // rows_2) % rows_1
-    index_0 = row // (rows_2 * rows_1)
-    row_ptr = scores_ptr + index_0 * stride_r0 + index_1 * stride_r1 + index_2 * stride_r2
+    row_ptr = row_start(scores_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2)
 
     positions = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = positions < length
@@ -166,10 +163,7 @@ def normalize_scores_fwd_kernel(
     divisor = tl.sum(folded, axis=0) if IS_SUM else tl.max(folded, axis=0)
     divisor = tl.where(divisor > 0.0, divisor, 1.0)
 
-    index_2 = row % rows_2
-    index_1 = (row // rows_2) % rows_1
-    index_0 = row // (rows_2 * rows_1)
-    row_ptr = src_ptr + index_0 * stride_r0 + index_1 * stride_r1 + index_2 * stride_r2
+    row_ptr = row_start(src_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2)
     positions = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = positions < length
     x = tl.load(row_ptr + positions * stride_t, mask=in_row, other=float("-inf"))

@@ -1,0 +1,158 @@
+"""The contract every aligner follows, and the score-domain helpers they share.
+
+An aligner is a ``torch.nn.Module`` that maps proxy scores ``[B, Lp, Hp, T]`` to target scores
+``[B, Lt, Ht, T]``. Both are float32 **log-scores**: larger = keep, ``-inf`` = invalid position.
+Log-scores rather than probabilities because attention mass spans many orders of magnitude: in the
+log domain, averaging layers, blurring along tokens and mixing heads behave like operations on
+comparable numbers instead of being dominated by the few largest entries. Convert attention-mass
+scores with :func:`to_log_scores`.
+
+Only the ordering of the output matters downstream (a policy keeps the largest scores), so the
+learned aligners standardise each sample (one mean and standard deviation over all its valid proxy
+entries) before their learned part and map back to the proxy's units afterwards: a positive affine
+change of a sample's input scores changes its output by the same affine map and leaves every
+ranking, within a head or across heads, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from proxykv._validation import check_tensor
+
+NEG_INF = float("-inf")
+
+
+def check_model_shape(name: str, value) -> tuple[int, int]:
+    """``(layers, heads)`` of one model: a pair of ints >= 1; returns it as a tuple."""
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise TypeError(f"{name} must be a pair of ints (layers, heads), got {value!r}")
+    layers, heads = value
+    if layers < 1 or heads < 1:
+        raise ValueError(f"{name} must have layers >= 1 and heads >= 1, got {tuple(value)}")
+    return int(layers), int(heads)
+
+
+def check_scores(name: str, scores, shape: tuple[int, int], side: str) -> torch.Tensor:
+    """``scores`` is float32 ``[B, L, H, T]`` with ``(L, H) == shape`` and ``T >= 1``."""
+    layers, heads = shape
+    layout = f"[B, L{side[0]}={layers}, H{side[0]}={heads}, T]"
+    check_tensor(name, scores, ndim=4, layout=layout, dtypes=(torch.float32,))
+    if tuple(scores.shape[1:3]) != shape:
+        raise ValueError(f"{name} must have shape {layout} for the {side} model "
+                         f"({layers} layers x {heads} heads), got shape {tuple(scores.shape)}")
+    if scores.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one position (T >= 1), got shape "
+                         f"{tuple(scores.shape)}")
+    return scores
+
+
+def to_log_scores(scores: torch.Tensor, *, floor: float = 1e-30) -> torch.Tensor:
+    """Attention-mass scores (``>= 0``, ``-inf`` = invalid) -> log-scores for the aligners.
+
+    ``log(max(score, floor))`` at valid positions, so a valid score of 0 stays valid (it becomes
+    ``log(floor)``) and only ``-inf`` marks an invalid position. Returns a new float32 tensor.
+    Not checked: negative scores (they become ``log(floor)`` too).
+    """
+    check_tensor("scores", scores, dtypes=(torch.float32,))
+    if not floor > 0:
+        raise ValueError(f"floor must be > 0, got {floor!r}")
+    return torch.where(scores == NEG_INF, scores, scores.clamp_min(floor).log())
+
+
+def sample_statistics(values: torch.Tensor, valid: torch.Tensor,
+                      eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of each sample's valid entries.
+
+    ``values`` ``[B, ...]`` (may hold ``-inf`` where ``valid`` is False); returns two tensors shaped
+    ``[B, 1, ..., 1]``. The standard deviation is at least ``eps`` so a constant sample divides
+    safely. A sample without valid entries gets mean 0.
+    """
+    dims = tuple(range(1, values.dim()))
+    count = valid.sum(dim=dims, keepdim=True).clamp_min(1)
+    filled = torch.where(valid, values, 0.0)
+    mean = filled.sum(dim=dims, keepdim=True) / count
+    centred = torch.where(valid, values - mean, 0.0)
+    variance = centred.square().sum(dim=dims, keepdim=True) / count
+    return mean, variance.sqrt().clamp_min(eps)
+
+
+def all_channels_valid(channels: torch.Tensor) -> torch.Tensor:
+    """``[B, C, T]`` -> ``[B, 1, T]``: True where the position is valid in every channel.
+
+    Aligners that mix every proxy channel into every target channel mark an output position invalid
+    when any proxy channel is invalid there, so an invalid position never becomes valid.
+    """
+    return (channels != NEG_INF).all(dim=1, keepdim=True)
+
+
+class Aligner(nn.Module):
+    """Base class of every adapter: validation, shapes, configuration and persistence.
+
+    Subclasses set the class attribute ``name`` (the registry key), implement ``_align`` on
+    validated input and ``params()`` returning their constructor keyword arguments (JSON-friendly),
+    which ``save`` records so ``load`` can rebuild the same module.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when ``proxykv.align.fit_aligner`` can fit it in closed form (see ``LinearAligner``).
+    supports_closed_form: ClassVar[bool] = False
+
+    def __init__(self, proxy_shape, target_shape):
+        super().__init__()
+        self.proxy_shape = check_model_shape("proxy_shape", proxy_shape)
+        self.target_shape = check_model_shape("target_shape", target_shape)
+
+    @property
+    def proxy_channels(self) -> int:
+        return self.proxy_shape[0] * self.proxy_shape[1]
+
+    @property
+    def target_channels(self) -> int:
+        return self.target_shape[0] * self.target_shape[1]
+
+    def params(self) -> dict[str, Any]:
+        """Constructor keyword arguments beyond the two shapes (recorded by ``save``)."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"aligner": self.name, "proxy_shape": list(self.proxy_shape),
+                "target_shape": list(self.target_shape), "params": self.params()}
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        """Proxy log-scores float32 ``[B, Lp, Hp, T]`` (any strides) -> target scores float32
+        ``[B, Lt, Ht, T]``, contiguous, on the same device. Larger = keep; ``-inf`` marks invalid
+        positions, and a position invalid in the input channels an output channel reads stays
+        invalid. The input is data: no gradient flows back into ``scores``.
+
+        Not checked: NaN or ``+inf`` entries (the result is unspecified).
+        """
+        check_scores("scores", scores, self.proxy_shape, "proxy")
+        self._check_device(scores)
+        return self._align(scores.detach())
+
+    def _align(self, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_device(self, scores: torch.Tensor) -> None:
+        tensors = [*self.parameters(), *self.buffers()]
+        if tensors and tensors[0].device != scores.device:
+            raise ValueError(f"scores is on {scores.device} but the {self.name!r} aligner is on "
+                             f"{tensors[0].device}; move one of them with .to()")
+
+    def save(self, path, *, metadata: dict | None = None) -> None:
+        """Write ``weights.safetensors`` and ``config.json`` into the directory ``path``."""
+        from proxykv.align.io import save
+
+        save(self, path, metadata=metadata)
+
+    def extra_repr(self) -> str:
+        params = "".join(f", {k}={v!r}" for k, v in self.params().items())
+        return f"proxy_shape={self.proxy_shape}, target_shape={self.target_shape}{params}"

@@ -1,0 +1,430 @@
+"""Fitting and evaluating aligners on (proxy scores, teacher scores) pairs.
+
+Data comes either as two tensors ``proxy_scores [N, Lp, Hp, T]`` and ``target_scores
+[N, Lt, Ht, T]`` (float32 log-scores, on any device; batches are moved to the aligner's device), or
+as a re-iterable (a list, a ``DataLoader``) of ``(proxy_batch, target_batch)`` pairs passed as
+``proxy_scores`` with ``target_scores=None``, for data that does not fit in memory; batches may
+differ in ``T``. Proxy and teacher must mark the same positions invalid (a ``-inf`` in any channel
+of a sample at token ``t`` on one side needs one on the other).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from proxykv._validation import check_choice, check_int
+from proxykv.align.base import Aligner, all_channels_valid, check_scores
+from proxykv.align.losses import MultiGranularityLoss, TeacherTargets
+from proxykv.align.metrics import DEFAULT_KEEP_RATIOS, per_head_spearman, topk_recall
+
+FIT_METHODS = ("auto", "gradient", "closed_form")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    """What ``fit_aligner`` did and how well the fitted aligner does.
+
+    ``metrics``: ``evaluate_aligner`` on the held-out data (``evaluated_on == "held_out"`` or
+    ``"val_data"``), or on the training data when there is none (``"train"``), plus ``loss`` there.
+    ``history``: one dict per evaluation (epoch, step, train_loss, val_loss, seconds).
+    """
+
+    metrics: dict[str, float]
+    method: str
+    evaluated_on: str
+    epochs: int = 0
+    steps: int = 0
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def _device_of(aligner: Aligner) -> torch.device:
+    tensors = [*aligner.parameters(), *aligner.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def check_pair(aligner: Aligner, proxy, target, where: str = "") -> None:
+    """Validate one ``(proxy, target)`` pair for ``aligner`` (shapes, dtypes, matching masks)."""
+    check_scores(f"proxy_scores{where}", proxy, aligner.proxy_shape, "proxy")
+    check_scores(f"target_scores{where}", target, aligner.target_shape, "target")
+    if proxy.shape[0] != target.shape[0] or proxy.shape[-1] != target.shape[-1]:
+        raise ValueError(f"proxy_scores{where} and target_scores{where} must have the same number "
+                         f"of samples N and tokens T, got shapes {tuple(proxy.shape)} and "
+                         f"{tuple(target.shape)}")
+    samples, length = proxy.shape[0], proxy.shape[-1]
+    proxy_valid = all_channels_valid(proxy.reshape(samples, -1, length))
+    target_valid = all_channels_valid(target.to(proxy.device).reshape(samples, -1, length))
+    mismatch = proxy_valid != target_valid
+    if bool(mismatch.any()):
+        sample, _, token = (int(i) for i in mismatch.nonzero()[0])
+        raise ValueError(f"proxy_scores{where} and target_scores{where} must mark the same "
+                         f"positions invalid (-inf in some channel); they differ at "
+                         f"{int(mismatch.sum())} position(s), the first at sample {sample}, "
+                         f"token {token}")
+
+
+class _TensorData:
+    """Samples ``indices`` of two in-memory tensors, in batches moved to the aligner's device.
+
+    With a loss, targets come as ``TeacherTargets`` prepared once for all these samples."""
+
+    def __init__(self, aligner: Aligner, proxy: torch.Tensor, target: torch.Tensor,
+                 indices: torch.Tensor, batch_size: int):
+        self.aligner, self.proxy, self.target = aligner, proxy, target
+        self.indices, self.batch_size = indices, batch_size
+        self._prepared: TeacherTargets | None = None
+
+    def _prepare(self, loss: MultiGranularityLoss) -> TeacherTargets:
+        device = _device_of(self.aligner)
+        parts = [loss.prepare(self.target[chunk.to(self.target.device)].to(device))
+                 .to(self.target.device) for chunk in self.indices.split(self.batch_size)]
+        return TeacherTargets.concatenate(parts)
+
+    def batches(self, generator: torch.Generator | None = None,
+                loss: MultiGranularityLoss | None = None) -> Iterator[Batch]:
+        if loss is not None and (self._prepared is None
+                                 or self._prepared.settings != loss._settings()):
+            self._prepared = self._prepare(loss)
+        positions = torch.arange(len(self.indices)) if generator is None else \
+            torch.randperm(len(self.indices), generator=generator)
+        device = _device_of(self.aligner)
+        for chosen in positions.split(self.batch_size):
+            proxy = self.proxy[self.indices[chosen].to(self.proxy.device)].to(device)
+            if loss is None:
+                yield proxy, self.target[self.indices[chosen].to(self.target.device)].to(device)
+            else:
+                yield proxy, self._prepared.select(chosen).to(device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+
+class _IterableData:
+    """The batches of a re-iterable of ``(proxy, target)`` pairs whose index passes ``keep``,
+    validated as they come and moved to the aligner's device."""
+
+    def __init__(self, aligner: Aligner, source: Iterable, keep: Callable[[int], bool]):
+        self.aligner, self.source, self.keep = aligner, source, keep
+
+    def batches(self, generator: torch.Generator | None = None,
+                loss: MultiGranularityLoss | None = None) -> Iterator[Batch]:
+        device = _device_of(self.aligner)
+        for index, item in enumerate(self.source):
+            if not self.keep(index):
+                continue
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(f"each batch must be a (proxy_scores, target_scores) pair, got "
+                                f"{type(item).__name__} at batch {index}")
+            check_pair(self.aligner, item[0], item[1], where=f" (batch {index})")
+            yield item[0].to(device), item[1].to(device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.batches()
+
+
+_Data = _TensorData | _IterableData
+
+
+def _as_data(aligner: Aligner, proxy_scores, target_scores, batch_size: int,
+             name: str) -> _Data:
+    """All of ``proxy_scores``/``target_scores`` (tensors or an iterable of pairs) as one source."""
+    if isinstance(proxy_scores, torch.Tensor):
+        if target_scores is None:
+            raise ValueError(f"{name}: target_scores is required when proxy_scores is a tensor")
+        check_pair(aligner, proxy_scores, target_scores)
+        return _TensorData(aligner, proxy_scores, target_scores,
+                           torch.arange(proxy_scores.shape[0]), batch_size)
+    if target_scores is not None:
+        raise TypeError(f"{name}: with target_scores given, proxy_scores must be a tensor, got "
+                        f"{type(proxy_scores).__name__}; pass an iterable of (proxy, target) "
+                        f"pairs alone instead")
+    _check_reiterable(name, proxy_scores)
+    return _IterableData(aligner, proxy_scores, lambda index: True)
+
+
+def _check_reiterable(name: str, source) -> None:
+    if not isinstance(source, Iterable):
+        raise TypeError(f"{name} must be a tensor or a re-iterable of (proxy, target) pairs, got "
+                        f"{type(source).__name__}")
+    if isinstance(source, Iterator):
+        raise TypeError(f"{name} must be re-iterable (a list, a DataLoader), got a one-shot "
+                        f"{type(source).__name__}: it is read once per epoch")
+
+
+def _split(aligner: Aligner, proxy_scores, target_scores, val_fraction: float, val_data,
+           batch_size: int, seed: int) -> tuple[_Data, _Data | None, str]:
+    """(training data, held-out data or None, what the final metrics are computed on)."""
+    if val_data is not None:
+        train = _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores")
+        if isinstance(val_data, (tuple, list)) and len(val_data) == 2 and all(
+                isinstance(t, torch.Tensor) for t in val_data):
+            held_out = _as_data(aligner, val_data[0], val_data[1], batch_size, "val_data")
+        else:
+            held_out = _as_data(aligner, val_data, None, batch_size, "val_data")
+        return train, held_out, "val_data"
+    if val_fraction == 0:
+        return _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores"), None, \
+            "train"
+    if isinstance(proxy_scores, torch.Tensor):
+        if target_scores is None:
+            raise ValueError("target_scores is required when proxy_scores is a tensor")
+        check_pair(aligner, proxy_scores, target_scores)
+        samples = proxy_scores.shape[0]
+        held = round(val_fraction * samples)
+        if samples < 2 or held < 1 or held >= samples:
+            raise ValueError(f"val_fraction={val_fraction} of {samples} sample(s) leaves no "
+                             f"held-out or no training sample; pass more samples, val_data, or "
+                             f"val_fraction=0")
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+        return (_TensorData(aligner, proxy_scores, target_scores, order[held:], batch_size),
+                _TensorData(aligner, proxy_scores, target_scores, order[:held], batch_size),
+                "held_out")
+    if target_scores is not None:
+        raise TypeError(f"with target_scores given, proxy_scores must be a tensor, got "
+                        f"{type(proxy_scores).__name__}")
+    _check_reiterable("proxy_scores", proxy_scores)
+    # Every period-th batch is held out (deterministic, whatever order the iterable has).
+    period = max(2, round(1 / val_fraction))
+
+    def held_out_batch(index: int) -> bool:
+        return index % period == period - 1
+
+    train = _IterableData(aligner, proxy_scores, lambda index: not held_out_batch(index))
+    held_out = _IterableData(aligner, proxy_scores, held_out_batch)
+    return train, held_out, "held_out"
+
+
+@torch.no_grad()
+def evaluate_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
+                     keep_ratios=DEFAULT_KEEP_RATIOS, batch_size: int = 8,
+                     loss: MultiGranularityLoss | None = None) -> dict[str, float]:
+    """Metrics of ``aligner`` on data (tensors or an iterable of pairs, see the module docstring):
+
+    * ``recall@r``: mean per-head top-k recall (``topk_recall(scope="head")``) at each keep ratio;
+    * ``global_recall@r``: the same with one budget per sample across layers and heads;
+    * ``spearman``: mean per-head Spearman correlation (undefined heads skipped);
+    * ``loss``: mean of ``loss`` over batches, when given.
+    """
+    check_int("batch_size", batch_size, minimum=1)
+    data = _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores")
+    return _evaluate(aligner, data, tuple(keep_ratios), loss)
+
+
+@torch.no_grad()
+def _evaluate(aligner: Aligner, data: Iterable[Batch], keep_ratios: tuple[float, ...],
+              loss: MultiGranularityLoss | None) -> dict[str, float]:
+    was_training = aligner.training
+    aligner.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        values = values[~values.isnan()]
+        sums[name] = sums.get(name, 0.0) + float(values.sum())
+        counts[name] = counts.get(name, 0) + values.numel()
+
+    for proxy, target in data:
+        pred = aligner(proxy)
+        for scope, prefix in (("head", "recall"), ("global", "global_recall")):
+            recalls = topk_recall(pred, target, keep_ratios, scope=scope, reduction="none")
+            for ratio, values in recalls.items():
+                add(f"{prefix}@{ratio:g}", values)
+        add("spearman", per_head_spearman(pred, target).flatten())
+        if loss is not None:
+            add("loss", loss(pred, target).reshape(1))
+    aligner.train(was_training)
+    if not counts:
+        raise ValueError("the evaluation data yielded no batch")
+    return {name: sums[name] / counts[name] if counts[name] else math.nan for name in sums}
+
+
+@torch.no_grad()
+def _mean_loss(aligner: Aligner, data: _Data, loss: MultiGranularityLoss) -> float:
+    was_training = aligner.training
+    aligner.eval()
+    values = [float(loss(aligner(proxy), target)) for proxy, target in data.batches(loss=loss)]
+    aligner.train(was_training)
+    if not values:
+        raise ValueError("the held-out data yielded no batch (from an iterable, every "
+                         "round(1/val_fraction)-th batch is held out); pass more batches, "
+                         "val_data, or val_fraction=0")
+    return sum(values) / len(values)
+
+
+class _Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line per update otherwise."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label = enabled, label
+        self.interactive = enabled and sys.stderr.isatty()
+        self._last = 0.0
+
+    def update(self, text: str, *, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.interactive:
+            if final or now - self._last > 0.1:
+                sys.stderr.write(f"\r{self.label} {text}\033[K" + ("\n" if final else ""))
+                sys.stderr.flush()
+                self._last = now
+        elif final or now - self._last > 2.0:
+            print(f"{self.label} {text}", file=sys.stderr, flush=True)
+            self._last = now
+
+
+def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
+                loss: MultiGranularityLoss | None = None, method: str = "auto",
+                val_fraction: float = 0.2, val_data=None, epochs: int = 200,
+                batch_size: int = 8, lr: float = 3e-2, weight_decay: float = 0.0,
+                patience: int = 10, min_improvement: float = 1e-3,
+                max_seconds: float | None = None, grad_clip: float | None = 1.0,
+                ridge: float = 1e-3, keep_ratios=DEFAULT_KEEP_RATIOS, seed: int = 0,
+                progress: bool = True) -> FitResult:
+    """Fit ``aligner`` (in place) so its output on the proxy's scores ranks like the teacher's.
+
+    Args:
+        aligner: any registered aligner; parameter-free ones are only evaluated.
+        proxy_scores, target_scores: training data (see the module docstring).
+        loss: the objective of gradient fitting (default ``MultiGranularityLoss()``), also
+            reported on held-out data.
+        method: ``"auto"`` (closed form when the aligner supports it, else gradient),
+            ``"gradient"`` (Adam) or ``"closed_form"`` (ridge regression; ``linear`` only).
+        val_fraction: share of the samples (tensors, split with ``seed``) or of the batches (every
+            ``round(1/val_fraction)``-th batch of an iterable) held out for early stopping and the
+            returned metrics; 0 trains on everything and reports training metrics.
+        val_data: explicit held-out data (a ``(proxy, target)`` pair of tensors or an iterable of
+            pairs); overrides ``val_fraction``.
+        epochs, batch_size, lr, weight_decay, grad_clip: the gradient fit (Adam, gradient-norm
+            clipping; ``batch_size`` applies to tensor data).
+        patience, min_improvement: stop after ``patience`` epochs whose held-out loss (training
+            loss without held-out data) is not below ``best * (1 - min_improvement)``; the best
+            epoch's weights are restored.
+        max_seconds: stop after this much wall time (checked after every step).
+        ridge: per-token L2 penalty of the closed-form fit (on standardised features).
+        keep_ratios: keep ratios of the reported recall metrics.
+        seed: shuffling and the held-out split.
+        progress: print a status line to stderr while fitting.
+
+    Returns:
+        ``FitResult``; ``result.metrics`` holds ``recall@0.1/0.3/0.5``, ``global_recall@…``,
+        ``spearman`` and ``loss`` (see ``evaluate_aligner``).
+    """
+    if not isinstance(aligner, Aligner):
+        raise TypeError(f"aligner must be a proxykv.align.Aligner, got {type(aligner).__name__}")
+    check_choice("method", method, FIT_METHODS)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    check_int("epochs", epochs, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("patience", patience, minimum=1)
+    check_int("seed", seed)
+    for name, value in (("lr", lr), ("ridge", ridge), ("weight_decay", weight_decay),
+                        ("min_improvement", min_improvement)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
+    loss = MultiGranularityLoss() if loss is None else loss
+    if not isinstance(loss, MultiGranularityLoss):
+        raise TypeError(f"loss must be a proxykv.align.MultiGranularityLoss, got "
+                        f"{type(loss).__name__}")
+    keep_ratios = tuple(keep_ratios)
+    has_parameters = any(p.requires_grad for p in aligner.parameters())
+    if method == "closed_form" and not aligner.supports_closed_form:
+        raise ValueError(f"method='closed_form' needs an aligner with a closed-form fit (e.g. "
+                         f"'linear'), got {aligner.name!r}; use method='gradient'")
+    if method == "gradient" and not has_parameters:
+        raise ValueError(f"the {aligner.name!r} aligner has no trainable parameters; "
+                         f"method='gradient' has nothing to fit")
+    chosen = ("closed_form" if aligner.supports_closed_form else "gradient") \
+        if method == "auto" else method
+    if not has_parameters:
+        chosen = "none"
+
+    train, held_out, evaluated_on = _split(aligner, proxy_scores, target_scores, val_fraction,
+                                           val_data, batch_size, seed)
+    report = _Progress(progress, f"[fit {aligner.name}]")
+    started = time.monotonic()
+    result = FitResult(metrics={}, method=chosen, evaluated_on=evaluated_on)
+    if chosen == "closed_form":
+        statistics: dict[str, torch.Tensor] = {}
+        for proxy, target in train:
+            for name, value in aligner.closed_form_statistics(proxy, target).items():
+                statistics[name] = statistics[name] + value if name in statistics else value
+        if not statistics:
+            raise ValueError("the training data yielded no batch")
+        aligner.solve_closed_form(statistics, ridge)
+    elif chosen == "gradient":
+        _gradient_fit(aligner, train, held_out, loss, result, report, started, epochs=epochs,
+                      lr=lr, weight_decay=weight_decay, patience=patience,
+                      min_improvement=min_improvement, max_seconds=max_seconds,
+                      grad_clip=grad_clip, seed=seed)
+    result.metrics = _evaluate(aligner, held_out if held_out is not None else train, keep_ratios,
+                               loss)
+    result.seconds = time.monotonic() - started
+    summary = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                        if k.startswith("recall") or k in ("spearman", "loss"))
+    report.update(f"done ({chosen}, {result.epochs} epochs, {result.seconds:.1f}s, "
+                  f"{evaluated_on}): {summary}", final=True)
+    aligner.eval()
+    return result
+
+
+def _gradient_fit(aligner: Aligner, train: _Data, held_out: _Data | None,
+                  loss: MultiGranularityLoss, result: FitResult, report: _Progress,
+                  started: float, *, epochs: int, lr: float, weight_decay: float, patience: int,
+                  min_improvement: float, max_seconds: float | None, grad_clip: float | None,
+                  seed: int) -> None:
+    parameters = [p for p in aligner.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    best_loss, best_state, stale = math.inf, None, 0
+    aligner.train()
+    for epoch in range(1, epochs + 1):
+        total, batches, out_of_time = 0.0, 0, False
+        for proxy, target in train.batches(generator, loss):
+            objective = loss(aligner(proxy), target)
+            optimiser.zero_grad(set_to_none=True)
+            objective.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+            optimiser.step()
+            total, batches = total + float(objective.detach()), batches + 1
+            result.steps += 1
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                out_of_time = True
+                break
+        if batches == 0:
+            raise ValueError("the training data yielded no batch")
+        train_loss = total / batches
+        val_loss = _mean_loss(aligner, held_out, loss) if held_out is not None else train_loss
+        result.epochs = epoch
+        result.history.append({"epoch": epoch, "step": result.steps, "train_loss": train_loss,
+                               "val_loss": val_loss,
+                               "seconds": time.monotonic() - started})
+        if not math.isfinite(best_loss) or val_loss < best_loss * (1 - min_improvement):
+            best_loss, stale, result.best_epoch = val_loss, 0, epoch
+            best_state = {k: v.detach().clone() for k, v in aligner.state_dict().items()}
+        else:
+            stale += 1
+        report.update(f"epoch {epoch}/{epochs}  step {result.steps}  train {train_loss:.4f}  "
+                      f"{'val' if held_out is not None else 'train'} {val_loss:.4f}  "
+                      f"best {best_loss:.4f} @ {result.best_epoch}  "
+                      f"{time.monotonic() - started:.1f}s")
+        if stale >= patience or out_of_time:
+            result.stopped_early = True
+            break
+    if best_state is not None:
+        aligner.load_state_dict(best_state)
