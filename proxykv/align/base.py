@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from proxykv._validation import check_tensor
+from proxykv._validation import check_same_device, check_tensor
 
 NEG_INF = float("-inf")
 
@@ -52,6 +52,18 @@ def check_scores(name: str, scores, shape: tuple[int, int], side: str) -> torch.
         raise ValueError(f"{name} must have at least one position (T >= 1), got shape "
                          f"{tuple(scores.shape)}")
     return scores
+
+
+def check_score_pair(pred, reference, reference_name: str) -> None:
+    """``pred`` and ``reference`` are float32 ``[B, L, H, T]`` score tensors of one shape and device
+    (the inputs of every loss term and metric)."""
+    check_tensor("pred", pred, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
+    check_tensor(reference_name, reference, ndim=4, layout="[B, L, H, T]",
+                 dtypes=(torch.float32,))
+    if pred.shape != reference.shape:
+        raise ValueError(f"pred and {reference_name} must have the same shape [B, L, H, T], got "
+                         f"{tuple(pred.shape)} and {tuple(reference.shape)}")
+    check_same_device(pred=pred, **{reference_name: reference})
 
 
 def to_log_scores(scores: torch.Tensor, *, floor: float = 1e-30) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxykv._validation import check_int, check_same_device, check_tensor
+from proxykv._validation import check_int, check_tensor
 from proxykv.align._ranking import (
     budget_sizes,
     descending_ranks,
@@ -33,18 +33,9 @@ from proxykv.align._ranking import (
     row_mean_std,
     standardise_rows,
 )
-from proxykv.align.base import NEG_INF
+from proxykv.align.base import NEG_INF, check_score_pair
 
 _MASKED_LOGIT = -1e30  # finite, so a fully masked row softmaxes to finite numbers, not NaN
-
-
-def _check_pair(pred, target) -> None:
-    check_tensor("pred", pred, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
-    check_tensor("target", target, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape [B, L, H, T], got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    check_same_device(pred=pred, target=target)
 
 
 def _check_temperature(name: str, value) -> float:
@@ -176,7 +167,7 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the per-sample standardised log-scores (one mean and standard
     deviation over all valid entries of a sample, so head and layer levels are kept), averaged over
     valid positions and then over samples. Invariant to a positive affine change of either side."""
-    _check_pair(pred, target)
+    check_score_pair(pred, target, "target")
     return _regression(pred, target, _valid_both(pred, target))
 
 
@@ -186,7 +177,7 @@ def token_rank_loss(pred: torch.Tensor, target: torch.Tensor, *,
     teacher's ranks (``temperature`` = fraction of the row, from the top, that holds most of the
     mass) to the softmax of the row-standardised prediction. Mean over rows with >= 2 valid
     tokens."""
-    _check_pair(pred, target)
+    check_score_pair(pred, target, "target")
     temperature = _check_temperature("temperature", temperature)
     return _rank_kl(pred, RankTarget.from_scores(target, _valid_both(pred, target), temperature))
 
@@ -197,7 +188,7 @@ def block_rank_loss(pred: torch.Tensor, target: torch.Tensor, *, block_size: int
     one may be shorter), each block scored by its largest valid entry, on both sides (the maximum
     commutes with increasing transforms, so the teacher is still read through its order only).
     Blocks without valid entries are skipped."""
-    _check_pair(pred, target)
+    check_score_pair(pred, target, "target")
     check_int("block_size", block_size, minimum=1)
     temperature = _check_temperature("temperature", temperature)
     valid = _valid_both(pred, target)
@@ -215,7 +206,7 @@ def budget_share_loss(pred: torch.Tensor, target: torch.Tensor, *,
     constant; for samples of more than 65,536 entries taken from evenly strided entries).
     Loss: total variation ``0.5 * sum |share_pred - share_teacher|`` (in [0, 1]), averaged over
     keep ratios and samples. Layer shares are sums of head shares."""
-    _check_pair(pred, target)
+    check_score_pair(pred, target, "target")
     ratios = _check_keep_ratios(keep_ratios)
     temperature = _check_temperature("temperature", temperature)
     samples, length = pred.shape[0], pred.shape[-1]
@@ -331,7 +322,7 @@ class MultiGranularityLoss(nn.Module):
                    target: torch.Tensor | TeacherTargets) -> dict[str, torch.Tensor]:
         """The unweighted terms with a non-zero weight, by name (differentiable)."""
         if isinstance(target, TeacherTargets):
-            _check_pair(pred, target.scores)
+            check_score_pair(pred, target.scores, "target")
             if target.settings != self._settings():
                 raise ValueError("target was prepared by a MultiGranularityLoss with other "
                                  "settings; prepare it with this loss")
@@ -342,7 +333,7 @@ class MultiGranularityLoss(nn.Module):
                                  "such positions out")
             teacher = target
         else:
-            _check_pair(pred, target)
+            check_score_pair(pred, target, "target")
             teacher = self._prepare(target, _valid_both(pred, target))
         rows = pred.reshape(pred.shape[0], -1, pred.shape[-1])
         terms = {

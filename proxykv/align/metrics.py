@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from proxykv._validation import check_choice, check_same_device, check_tensor
+from proxykv._validation import check_choice
 from proxykv.align._ranking import budget_sizes, descending_ranks, kth_largest, row_mean_std
-from proxykv.align.base import NEG_INF
+from proxykv.align.base import NEG_INF, check_score_pair
 
 RECALL_SCOPES = ("head", "global")
 DEFAULT_KEEP_RATIOS = (0.1, 0.3, 0.5)
-
-
-def _check_pair(pred, teacher) -> None:
-    check_tensor("pred", pred, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
-    check_tensor("teacher", teacher, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
-    if pred.shape != teacher.shape:
-        raise ValueError(f"pred and teacher must have the same shape [B, L, H, T], got "
-                         f"{tuple(pred.shape)} and {tuple(teacher.shape)}")
-    check_same_device(pred=pred, teacher=teacher)
 
 
 @torch.no_grad()
@@ -42,7 +33,7 @@ def topk_recall(pred: torch.Tensor, teacher: torch.Tensor, keep_ratios=DEFAULT_K
     (NaN if none); with ``"none"`` a float32 tensor ``[B, L, H]`` (head) or ``[B]`` (global), NaN
     for rows without valid entries.
     """
-    _check_pair(pred, teacher)
+    check_score_pair(pred, teacher, "teacher")
     check_choice("scope", scope, RECALL_SCOPES)
     check_choice("reduction", reduction, ("mean", "none"))
     ratios = tuple(keep_ratios)
@@ -74,7 +65,7 @@ def per_head_spearman(pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     """Spearman rank correlation between ``pred`` and ``teacher`` over the tokens of each
     ``(b, l, h)`` row, on positions valid in both (ties get average ranks). Float32 ``[B, L, H]``;
     NaN where a row has fewer than two such positions or either side is constant on them."""
-    _check_pair(pred, teacher)
+    check_score_pair(pred, teacher, "teacher")
     length = pred.shape[-1]
     pred_rows, teacher_rows = pred.reshape(-1, length), teacher.reshape(-1, length)
     valid = (pred_rows != NEG_INF) & (teacher_rows != NEG_INF)
