@@ -290,36 +290,51 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
 
 # ------------------------------------------------------------------------------ compile specs
 
+# (CAUSAL, HAS_VALID_LEN, REDUCE, GROUP_MAX): the masking/reduction branches of the kernels.
+_DEFAULT_FLAGS = (True, True, REDUCE_CODES["mean"], False)
+_OTHER_FLAGS = [(False, False, REDUCE_CODES["max"], True), (True, False, REDUCE_CODES["sum"], False)]
+
+
 def _compile_variants():
-    """(dtype, head_dim, config) triples to compile: every config and dtype at D=128, and the
-    configs the default plan picks at every other supported head dim."""
+    """(dtype, head_dim, config, flags) to compile: every config and dtype at D=128, the configs
+    the default plan picks at every other supported head dim, and every masking/reduction branch
+    once."""
     plan_configs = [c for c in GPU_CONFIGS if c[0] == 64 and c[2] == 4]
     for dtype in ("float16", "bfloat16", "float32"):
         for config in GPU_CONFIGS:
-            yield dtype, 128, config
+            yield dtype, 128, config, _DEFAULT_FLAGS
     for head_dim in (64, 80, 96, 256):
         for config in plan_configs:
-            yield "bfloat16", head_dim, config
+            yield "bfloat16", head_dim, config, _DEFAULT_FLAGS
+    for flags in _OTHER_FLAGS:
+        yield "bfloat16", 128, plan_configs[0], flags
 
 
 def _compile_specs():
     common_strides = {f"stride_{t}{a}": "i64" for t in "qk" for a in "bhtd"}
     specs = []
-    for dtype, head_dim, (block_m, block_n, num_warps, num_stages) in _compile_variants():
+    for dtype, head_dim, config, flags in _compile_variants():
+        block_m, block_n, num_warps, num_stages = config
+        causal, has_valid_len, reduce_code, group_max = flags
         ptr = TRITON_POINTER_TYPES[dtype]
         tiles = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m,
-                 "BLOCK_N": block_n, "UPCAST": False, "DOT_IEEE": dtype == "float32"}
+                 "BLOCK_N": block_n, "UPCAST": False, "DOT_IEEE": dtype == "float32",
+                 "CAUSAL": causal, "HAS_VALID_LEN": has_valid_len}
         tag = f"{dtype},D={head_dim},M={block_m},N={block_n},w={num_warps}"
+        if flags != _DEFAULT_FLAGS:
+            tag += f",causal={causal},valid_len={has_valid_len},reduce={reduce_code}," \
+                   f"group_max={group_max}"
         # fp32 runs its dot in IEEE precision (FMA, no tensor cores) to match the fp32 reference.
         launch = dict(num_warps=num_warps, num_stages=num_stages, uses_dot=dtype != "float32",
                       unit_strides=("stride_qd", "stride_kd"))
         specs.append(CompileSpec(
             name=f"attention_lse_fwd_kernel[{tag}]", kernel=attention_lse_fwd_kernel,
-            signature={"q_ptr": ptr, "k_ptr": ptr, "valid_len_ptr": "*i64", "lse_ptr": "*fp32",
-                       **common_strides, **{f"stride_l{a}": "i64" for a in "sbht"},
+            signature={"q_ptr": ptr, "k_ptr": ptr, "valid_len_ptr": "*i64",
+                       "lse_ptr": "*fp32", **common_strides,
+                       **{f"stride_l{a}": "i64" for a in "sbht"},
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
                        "q_offset": "i32", "keys_per_split": "i32", "qk_scale2": "fp32"},
-            constexprs={**tiles, "CAUSAL": True, "HAS_VALID_LEN": True}, **launch))
+            constexprs=tiles, **launch))
         specs.append(CompileSpec(
             name=f"attention_scores_fwd_kernel[{tag}]", kernel=attention_scores_fwd_kernel,
             signature={"q_ptr": ptr, "k_ptr": ptr, "lse_ptr": "*fp32", "valid_len_ptr": "*i64",
@@ -328,8 +343,7 @@ def _compile_specs():
                        "stride_ob": "i64", "stride_oh": "i64",
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
                        "q_offset": "i32", "qk_scale2": "fp32"},
-            constexprs={**tiles, "CAUSAL": True, "HAS_VALID_LEN": True, "REDUCE": 0,
-                        "GROUP_MAX": False}, **launch))
+            constexprs={**tiles, "REDUCE": reduce_code, "GROUP_MAX": group_max}, **launch))
     return specs
 
 
