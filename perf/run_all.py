@@ -9,30 +9,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from runner import Recorder, parse_args  # noqa: E402
+from runner import Recorder, main_for  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
-
-    import torch
-
-    args = parse_args("all proxykv benchmarks", argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        os.environ.pop("TRITON_INTERPRET", None)
-    recorder = Recorder(device, args.results)
-    print(f"# all benchmarks on {recorder.device_name} at {recorder.commit}; results -> "
-          f"{recorder.path}", flush=True)
+def run_every_benchmark(recorder: Recorder, quick: bool) -> None:
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"## {script.stem}", flush=True)
-        importlib.import_module(script.stem).run(recorder, args.quick)
-    if recorder.failures:
-        print(f"{len(recorder.failures)} case(s) refused: correctness check failed",
-              file=sys.stderr)
-        return 1
-    return 0
+        importlib.import_module(script.stem).run(recorder, quick)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_for(run_every_benchmark, "all proxykv benchmarks"))

@@ -19,21 +19,6 @@ from proxykv.testing import strategies as pst
 REDUCTIONS = [(r, g) for r in ("mean", "sum", "max") for g in ("mean", "max")]
 
 
-def reference_for(q, k, **kwargs):
-    t_q, t_k, d = q.shape[2], k.shape[2], q.shape[3]
-    kwargs.setdefault("scale", d ** -0.5)
-    kwargs.setdefault("causal", True)
-    if kwargs.get("q_offset") is None:
-        kwargs["q_offset"] = t_k - t_q
-    kwargs.setdefault("reduce", "mean")
-    kwargs.setdefault("group_reduce", "mean")
-    lse = kwargs.pop("lse", None)
-    valid = kwargs.pop("key_valid_len", None)
-    return attention_scores_reference(q.cpu(), k.cpu(), lse=None if lse is None else lse.cpu(),
-                                      key_valid_len=None if valid is None else valid.cpu(),
-                                      **kwargs)
-
-
 @st.composite
 def scoring_cases(draw, max_t_q=96, max_t_k=200):
     h_q, h_kv = draw(pst.gqa_heads(max_kv_heads=2))
@@ -62,7 +47,7 @@ def scoring_cases(draw, max_t_q=96, max_t_k=200):
 @given(case=scoring_cases())
 def test_matches_reference(impl, case, device):
     q, k, kwargs = case
-    expected = reference_for(q, k, **kwargs)
+    expected = attention_scores_reference(q, k, **kwargs)
     q, k = q.to(device), k.to(device)
     kwargs = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
     actual = attention_scores(q, k, impl=impl, **kwargs)
@@ -87,7 +72,7 @@ def test_given_lse_gives_the_same_scores(impl, case, device):
     if "key_valid_len" in kwargs:
         mask = mask & (torch.arange(t_k)[None, :] < kwargs["key_valid_len"][:, None])[:, None, None]
     lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1).float()
-    expected = reference_for(q, k, **kwargs)
+    expected = attention_scores_reference(q, k, **kwargs)
     kwargs = {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
     actual = attention_scores(q.to(device), k.to(device), lse=lse.to(device), impl=impl, **kwargs)
     assert_close(actual, expected, dtype=q.dtype, name="attention_scores(lse=...)")
@@ -106,7 +91,7 @@ def test_launch_plans_agree(block_m, block_n, n_splits, device):
         actual = triton_impl.attention_scores_triton(
             q, k, scale=16 ** -0.5, causal=True, q_offset=100, reduce=reduce,
             group_reduce=group_reduce, key_valid_len=valid, plan=plan)
-        expected = reference_for(q, k, q_offset=100, reduce=reduce, group_reduce=group_reduce,
+        expected = attention_scores_reference(q, k, q_offset=100, reduce=reduce, group_reduce=group_reduce,
                                  key_valid_len=valid)
         assert_close(actual, expected, name=f"plan {plan} {reduce}/{group_reduce}")
 
@@ -119,7 +104,7 @@ def test_torch_chunking_does_not_change_results(chunk_bytes):
     for reduce, group_reduce in REDUCTIONS:
         actual = attention_scores_torch(q, k, scale=0.25, causal=True, q_offset=30, reduce=reduce,
                                         group_reduce=group_reduce, chunk_bytes=chunk_bytes)
-        expected = reference_for(q, k, scale=0.25, q_offset=30, reduce=reduce,
+        expected = attention_scores_reference(q, k, scale=0.25, q_offset=30, reduce=reduce,
                                  group_reduce=group_reduce)
         assert_close(actual, expected)
 
@@ -189,7 +174,7 @@ def test_large_fp16_logits_do_not_overflow(impl, device):
     scores = attention_scores(q.to(device), k.to(device), reduce="max", group_reduce="max",
                               impl=impl).cpu()
     assert torch.isfinite(scores).all()
-    assert_close(scores, reference_for(q, k, reduce="max", group_reduce="max"), dtype=q.dtype)
+    assert_close(scores, attention_scores_reference(q, k, reduce="max", group_reduce="max"), dtype=q.dtype)
 
 
 def test_inputs_are_not_modified(device):

@@ -386,10 +386,12 @@ def _aggregate_spec(group_max: bool, pool: str | None, stat: str, store_out: boo
 
 # A covering set of the constexpr combinations the launchers reach — reduce_heads (no pool, no
 # statistic) for every GROUP_BLOCK, the statistics pass of normalize_scores (one head, statistic
-# only) and aggregate_scores (every pool × statistic) — at the largest and smallest tiles.
+# only), pool_scores (one head, pooling, no statistic) and aggregate_scores (every pool ×
+# statistic) — at the largest and smallest tiles.
 _AGGREGATE_VARIANTS = [
     *[(group_max, None, "none", True, group_block, 1024)
       for group_max in (False, True) for group_block in (1, 2, 4, 8)],
+    *[(True, pool, "none", True, 1, block_t) for pool in ("max", "avg") for block_t in (16, 1024)],
     (False, None, "none", True, 4, 16),
     (False, None, "sum", False, 1, 16),
     (False, None, "max", False, 1, 1024),

@@ -119,19 +119,11 @@ def _example(device: torch.device):
                     "key_valid_len": torch.tensor([75, 60], device=device)}
 
 
-def _reference(q, k, *, scale=None, causal=True, q_offset=None, reduce="mean",
-               group_reduce="mean", key_valid_len=None, lse=None):
-    return attention_scores_reference(
-        q.cpu(), k.cpu(), scale=q.shape[-1] ** -0.5 if scale is None else scale, causal=causal,
-        q_offset=k.shape[2] - q.shape[2] if q_offset is None else q_offset, reduce=reduce,
-        group_reduce=group_reduce, key_valid_len=key_valid_len, lse=lse)
-
-
 register_op(OpSpec(
     name="attention_scores",
     api=attention_scores,
     torch_impl=attention_scores_torch,
     triton_launcher="proxykv.kernels.attention.triton_impl:attention_scores_triton",
-    reference=_reference,
+    reference=attention_scores_reference,
     example=_example,
 ))

@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def attention_scores_reference(q, k, *, scale, causal, q_offset, reduce, group_reduce,
-                               key_valid_len=None, lse=None):
-    b, h_q, t_q, _ = q.shape
+def attention_scores_reference(q, k, *, scale=None, causal=True, q_offset=None, reduce="mean",
+                               group_reduce="mean", key_valid_len=None, lse=None):
+    """Same arguments and defaults as ``attention_scores`` (without ``impl``); runs on the CPU."""
+    q, k = q.cpu(), k.cpu()
+    key_valid_len = None if key_valid_len is None else key_valid_len.cpu()
+    lse = None if lse is None else lse.cpu()
+    b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
+    scale = d ** -0.5 if scale is None else scale
+    q_offset = t_k - t_q if q_offset is None else q_offset
     qd, kd = q.double(), k.double().repeat_interleave(group, dim=1)
     logits = scale * qd @ kd.transpose(-1, -2)  # [B, H_q, T_q, T_k]
     key_pos = torch.arange(t_k)
@@ -19,7 +25,7 @@ def attention_scores_reference(q, k, *, scale, causal, q_offset, reduce, group_r
         visible &= key_pos[None, :] <= query_pos[:, None]
     key_valid = torch.ones(b, t_k, dtype=torch.bool)
     if key_valid_len is not None:
-        key_valid = key_pos[None, :] < key_valid_len.cpu().long()[:, None]
+        key_valid = key_pos[None, :] < key_valid_len.long()[:, None]
         visible &= key_valid[:, None, None, :]
     logits = logits.masked_fill(~visible, float("-inf"))
     row_lse = torch.logsumexp(logits, dim=-1, keepdim=True) if lse is None \
