@@ -61,7 +61,7 @@ def _expected(device: torch.device, on_gpu, on_cpu):
 
 def run(recorder: Recorder, quick: bool) -> None:
     device = recorder.device
-    impl = "triton" if device.type == "cuda" else "torch"
+    impl = recorder.impl
     if quick:
         lengths = [1024]
     else:
@@ -104,7 +104,8 @@ def _measure_length(recorder: Recorder, impl: str, length: int) -> None:
             _expected(device, lambda: normalize_scores_torch(reduced, "sum"),
                       lambda: normalize_scores_reference(reduced, "sum")),
             name="normalize_scores"),
-        baseline=lambda: normalize_scores_torch(reduced, "sum"),
+        # On CPU the op *is* the torch implementation: no baseline to compare with.
+        baseline=(lambda: normalize_scores_torch(reduced, "sum")) if impl != "torch" else None,
         baseline_name="torch implementation",
         bytes_moved=3 * out_bytes, extra={"note": "bytes=2*in+out (two passes over a row)"},
     )
@@ -136,7 +137,8 @@ def _measure_fused(recorder: Recorder, impl: str, scores: torch.Tensor, args: tu
     def chain():
         reduced = reduce_heads(scores, group_size, mode=group_mode, impl=impl)
         pooled = pool_scores(reduced, kernel_size, mode=pool_mode, impl=impl)
-        return normalize_scores(pooled, mode=normalize, impl=impl)
+        return pooled if normalize == "none" else normalize_scores(pooled, mode=normalize,
+                                                                   impl=impl)
 
     def check():
         expected = _expected(recorder.device, lambda: aggregate_scores_torch(scores, *args),

@@ -63,7 +63,7 @@ def check_same_as_naive(name: str, op, naive) -> None:
 
 def run(recorder: Recorder, quick: bool) -> None:
     device = recorder.device
-    pool_impl = "triton" if device.type == "cuda" else "torch"
+    pool_impl = recorder.impl
     if quick:
         lengths = [4096]
     else:

@@ -17,7 +17,7 @@ from proxykv.testing import assert_close  # noqa: E402
 
 def run(recorder: Recorder, quick: bool) -> None:
     device = recorder.device
-    impl = "triton" if device.type == "cuda" else "torch"
+    impl = recorder.impl
     # [B, L, H_kv, T] scores of a 32-layer, 8-KV-head model.
     lengths = [4096] if quick else ([4096, 32768, 131072] if device.type == "cuda" else [4096, 32768])
     for length in lengths:

@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from proxykv._backend import choose_backend
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "perf" / "results" / "results.jsonl"
 
@@ -90,6 +92,8 @@ class Recorder:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.device_name = device_name(device)
+        # What impl=None runs here (the backend rule); benchmarks record it with each figure.
+        self.impl = choose_backend(None, device).impl
         self.commit = git_commit()
         self.failures: list[str] = []
 

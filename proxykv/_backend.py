@@ -15,6 +15,7 @@ kernel in the wrong mode.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -31,6 +32,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -80,11 +82,9 @@ def _triton_blocker(device: torch.device) -> str | None:
     if not triton_installed():
         return "triton is not installed"
     if device.type == "cuda":
-        if interpreter_enabled():
+        if interpreter_enabled() or torch.cuda.is_available():
             return None
-        if not torch.cuda.is_available():
-            return "CUDA is not available to torch"
-        return None
+        return "CUDA is not available to torch"
     if device.type == "cpu":
         if interpreter_enabled():
             return None
@@ -97,11 +97,11 @@ def choose_backend(impl: str | None, device: torch.device | str) -> BackendChoic
     device = torch.device(device)
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"impl must be one of 'triton', 'torch' or None, got {impl!r}")
-    blocker = _triton_blocker(device)
     if impl == "torch":
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"impl='torch' does not support device type {device.type!r}")
         return BackendChoice("torch", "requested explicitly")
+    blocker = _triton_blocker(device)
     if impl == "triton":
         if blocker is not None:
             raise ValueError(f"impl='triton' cannot run: {blocker}")
@@ -111,9 +111,9 @@ def choose_backend(impl: str | None, device: torch.device | str) -> BackendChoic
             raise ValueError(f"no backend can run on {device}: {blocker}")
         return BackendChoice("triton", "CUDA tensors")
     if device.type == "cpu":
-        if interpreter_enabled() and blocker is None:
+        if blocker is None:
             return BackendChoice("triton", "CPU tensors with TRITON_INTERPRET=1 (interpreted)")
-        return BackendChoice("torch", f"CPU tensors: {blocker}" if blocker else "CPU tensors")
+        return BackendChoice("torch", f"CPU tensors: {blocker}")
     raise ValueError(f"no backend supports device type {device.type!r}")
 
 

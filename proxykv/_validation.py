@@ -7,6 +7,8 @@ Type errors (not a tensor, wrong dtype) raise ``TypeError``; wrong shapes, value
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -133,6 +135,43 @@ def check_int(
     return value
 
 
+def check_float(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+    meaning: str = "",
+) -> float:
+    """A finite real number (not a bool) within the bounds; returns it as a float.
+
+    ``meaning`` (e.g. ``"the fraction of positions kept"``) is quoted in the range message.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
+    high_ok = maximum is None or value <= maximum
+    if not (math.isfinite(value) and low_ok and high_ok):
+        if minimum is not None and maximum is not None:
+            bounds = f" in {'(' if exclusive_minimum else '['}{minimum:g}, {maximum:g}]"
+        elif minimum is not None:
+            bounds = f" {'>' if exclusive_minimum else '>='} {minimum:g}"
+        else:
+            bounds = "" if maximum is None else f" <= {maximum:g}"
+        why = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be a finite float{bounds}{why}, got {value!r}")
+    return value
+
+
+def check_has_positions(name: str, tensor: torch.Tensor) -> None:
+    """The last (sequence) dimension is not empty."""
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one position (T >= 1), got shape "
+                         f"{tuple(tensor.shape)}")
+
+
 def check_indices(
     name: str,
     indices: torch.Tensor,
@@ -160,3 +199,59 @@ def check_indices(
     if unsorted and unsorted[0]:
         raise ValueError(f"{name} must be strictly increasing along its last dimension "
                          "(sorted, no repeats)")
+
+
+# ------------------------------------------------------------------ ragged segment metadata
+# Helpers for packed per-segment layouts (``indices [N]`` with ``cu_seqlens [S + 1]``), shared by
+# the ragged gather, ragged decode attention and ``Selection.validate``. The ``*_statistic(s)``
+# helpers return 0-D int64 tensors without syncing; callers stack them and read them in one go.
+
+def check_cu_seqlens(name: str, cu_seqlens, *, num_segments: int, segments_what: str) -> None:
+    """Shape and dtype of a segment-bounds tensor, int32 ``[num_segments + 1]`` (its values are
+    checked with ``bounds_statistics`` and ``raise_for_bounds``)."""
+    check_tensor(name, cu_seqlens, ndim=1, layout=f"[{segments_what} + 1]", dtypes=(torch.int32,))
+    if cu_seqlens.numel() != num_segments + 1:
+        raise ValueError(f"{name} must have {segments_what} + 1 = {num_segments + 1} entries, got "
+                         f"{cu_seqlens.numel()}")
+
+
+def first_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of a 1-D bool tensor, or -1, as a 0-D int64 tensor (no sync)."""
+    if mask.numel() == 0:
+        return torch.full((), -1, dtype=torch.int64, device=mask.device)
+    positions = torch.arange(mask.numel(), device=mask.device)
+    first = torch.where(mask, positions, mask.numel()).min()
+    return torch.where(first == mask.numel(), -1, first)
+
+
+def bounds_statistics(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """0-D tensors ``[first, last, first decreasing step or -1]`` of a bounds tensor (no sync)."""
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    return [cu_seqlens[0].long(), cu_seqlens[-1].long(), first_true_index(steps < 0)]
+
+
+def raise_for_bounds(name: str, values: Sequence[int], *, total: int, total_what: str) -> None:
+    """Raise if ``bounds_statistics`` (read to the host) show bounds that are not monotone from 0
+    to ``total``."""
+    first, last, decreasing_at = values
+    if first != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
+    if decreasing_at >= 0:
+        raise ValueError(f"{name} must be non-decreasing (segment lengths >= 0), but "
+                         f"{name}[{decreasing_at + 1}] < {name}[{decreasing_at}]")
+    if last != total:
+        raise ValueError(f"{name} must end at {total_what} = {total}, got {name}[-1] = {last}")
+
+
+def segment_values_statistics(indices: torch.Tensor,
+                              cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """0-D tensors ``[min, max, p]`` of non-empty packed ``indices`` (no sync): ``p + 1`` is the
+    first packed position whose value does not exceed its predecessor in the same segment (not
+    strictly increasing), or ``p = -1``. Segments are ``cu_seqlens``; bad bounds are clamped."""
+    total = indices.numel()
+    # Entry j > 0 must exceed entry j - 1 unless it opens a segment.
+    # (Room for one past the end: empty trailing segments start at N and must not mark N - 1.)
+    opens_segment = torch.zeros(total + 1, dtype=torch.bool, device=indices.device)
+    opens_segment[cu_seqlens[:-1].long().clamp(0, total)] = True
+    not_increasing = (indices[1:] <= indices[:-1]) & ~opens_segment[1:total]
+    return [indices.min().long(), indices.max().long(), first_true_index(not_increasing)]

@@ -68,9 +68,13 @@ class _LayerStorage:
         self.packed_lengths = packed_lengths  # valid rows per segment at the last (re)pack
         self.longest_packed = max(packed_lengths, default=0)
         self.appended = 0                     # rows appended to every segment since then
-        self.spare = spare                    # free rows left in every segment
         self.reserved = spare                 # spare given at the last (re)pack
         self.next_position = next_position
+
+    @property
+    def spare(self) -> int:
+        """Free rows left in every segment."""
+        return self.reserved - self.appended
 
     @property
     def lengths(self) -> list[int]:
@@ -177,11 +181,7 @@ class RaggedKVCache:
             lengths = counts[:, layer_index].reshape(-1).tolist()
             view = selection.layer(layer_index)
             indices = view.indices.reshape(-1).to(device)
-            if view.is_ragged:
-                cu_seqlens = view.cu_seqlens.to(device)
-            else:
-                cu_seqlens = torch.arange(b * h_kv + 1, dtype=torch.int32, device=device) * \
-                    view.indices.shape[-1]
+            cu_seqlens = _room_bounds(lengths, 0, device)[0]  # packed bounds, either form
             room, rows = _room_bounds(lengths, reserve_steps, device)
             keys = torch.empty(rows, k.shape[-1], dtype=k.dtype, device=device)
             values = torch.empty(rows, v.shape[-1], dtype=v.dtype, device=device)
@@ -203,7 +203,7 @@ class RaggedKVCache:
                 type(past_key_values).__name__
             raise ValueError(f"past_key_values must be a sequence of {num_layers} (keys, values) "
                              f"pairs (one per layer of the selection), got {got}")
-        pairs = []
+        pairs, first = [], None
         for layer_index, pair in enumerate(past_key_values):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"past_key_values[{layer_index}] must be a (keys, values) pair, "
@@ -215,7 +215,7 @@ class RaggedKVCache:
                     raise ValueError(f"{label} must have shape [B, H_kv, T, D] = [{b}, {h_kv}, "
                                      f"{seq_len}, D] (from the selection), got "
                                      f"{tuple(tensor.shape)}")
-                first = past_key_values[0][0]
+                first = tensor if first is None else first  # layer 0's keys, checked above
                 if tensor.dtype != first.dtype or tensor.device != first.device:
                     raise ValueError(f"{label} is {tensor.dtype} on {tensor.device}; every layer "
                                      f"must match layer 0 ({first.dtype} on {first.device})")
@@ -299,7 +299,6 @@ class RaggedKVCache:
             num_segments)
         state.seq_lens += steps
         state.appended += steps
-        state.spare -= steps
         state.next_position += steps
 
     def attend(self, layer_index: int, q: torch.Tensor, *, scale: float | None = None,
@@ -350,5 +349,5 @@ class RaggedKVCache:
         state.keys, state.values, state.positions, state.cu_seqlens = keys, values, positions, room
         state.packed_lengths, state.longest_packed = lengths, max(lengths, default=0)
         state.appended = 0
-        state.spare = state.reserved = spare
+        state.reserved = spare
         self.num_repacks += 1

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from proxykv._validation import (
+    bounds_statistics,
+    raise_for_bounds,
+    segment_values_statistics,
+)
+
 
 @dataclass(frozen=True)
 class LayerSelection:
@@ -81,8 +87,10 @@ class Selection:
                              f"{tuple(getattr(mask, 'shape', ()))}")
         b, l, h, t = mask.shape
         counts = mask.sum(-1)  # [B, L, H]
-        mean_count = float(counts.double().mean()) if counts.numel() else 0.0
-        recorded = mean_count if budget is None else float(budget)
+        if budget is not None:
+            recorded = float(budget)
+        else:  # reading the mean syncs a GPU, so only when the caller gave no budget
+            recorded = float(counts.double().mean()) if counts.numel() else 0.0
         if allow_uniform and counts.numel():
             low, high = torch.stack([counts.min(), counts.max()]).tolist()
             if low == high:
@@ -138,7 +146,7 @@ class Selection:
             return LayerSelection(self.indices[:, layer_index], None)
         per_layer = self.batch_size * self.num_kv_heads
         bounds = self.cu_seqlens[layer_index * per_layer: (layer_index + 1) * per_layer + 1]
-        start, end = int(bounds[0]), int(bounds[-1])
+        start, end = bounds[[0, -1]].tolist()  # one device sync
         return LayerSelection(self.indices[start:end], (bounds - bounds[0]).to(torch.int32))
 
     def to_ragged(self) -> Selection:
@@ -153,33 +161,41 @@ class Selection:
         b, l, h, t = self.shape
         if self.indices.dtype != torch.int32:
             raise ValueError(f"Selection.indices must be int32, got {self.indices.dtype}")
+        stats = []
         if not self.is_ragged:
             if self.indices.dim() != 4 or tuple(self.indices.shape[:3]) != (b, l, h):
                 raise ValueError(f"uniform Selection.indices must have shape [{b}, {l}, {h}, k], "
                                  f"got {tuple(self.indices.shape)}")
+            if self.indices.numel() == 0:
+                return
             rows = self.indices.reshape(b * l * h, self.indices.shape[-1])
-            segment_ids = None
+            unsorted = (rows[:, 1:] <= rows[:, :-1]).any().long()
+            stats += [self.indices.min().long(), self.indices.max().long(), unsorted - 1]
         else:
-            cu = self.cu_seqlens
+            cu, total = self.cu_seqlens, self.indices.numel()
             if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() != l * b * h + 1:
                 raise ValueError(f"Selection.cu_seqlens must be int32 [{l * b * h + 1}], got "
                                  f"{cu.dtype} {tuple(cu.shape)}")
-            if int(cu[0]) != 0 or int(cu[-1]) != self.indices.numel() or bool(
-                    (cu[1:] < cu[:-1]).any()):
+            if self.indices.dim() != 1:
+                raise ValueError(f"ragged Selection.indices must be 1-D [N], got shape "
+                                 f"{tuple(self.indices.shape)}")
+            stats += bounds_statistics(cu)
+            if total:
+                stats += segment_values_statistics(self.indices, cu)
+        values = torch.stack(stats).tolist()  # the one device sync
+        if self.is_ragged:
+            try:
+                raise_for_bounds("Selection.cu_seqlens", values[:3], total=self.indices.numel(),
+                                 total_what="N")
+            except ValueError as error:
                 raise ValueError("Selection.cu_seqlens must rise monotonically from 0 to "
-                                 f"N={self.indices.numel()}")
-            rows = None
-            segment_ids = torch.repeat_interleave(torch.arange(l * b * h, device=cu.device),
-                                                  (cu[1:] - cu[:-1]).long())
-        if self.indices.numel() == 0:
+                                 f"N={self.indices.numel()}: {error}") from None
+            values = values[3:]
+        if not values:
             return
-        if int(self.indices.min()) < 0 or int(self.indices.max()) >= t:
-            raise ValueError(f"Selection.indices must lie in [0, {t})")
-        if rows is not None:
-            ascending = bool((rows[:, 1:] > rows[:, :-1]).all()) if rows.shape[-1] > 1 else True
-        else:
-            same_segment = segment_ids[1:] == segment_ids[:-1]
-            steps = self.indices[1:] - self.indices[:-1]
-            ascending = not bool((same_segment & (steps <= 0)).any())
-        if not ascending:
+        low, high, unsorted_at = values
+        if low < 0 or high >= t:
+            raise ValueError(f"Selection.indices must lie in [0, {t}), got values in "
+                             f"[{low}, {high}]")
+        if unsorted_at >= 0:
             raise ValueError("Selection.indices must be strictly increasing within each head")

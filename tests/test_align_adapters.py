@@ -187,7 +187,7 @@ def test_mean_broadcast_gives_every_head_the_token_mean():
 def test_untrained_linear_reproduces_depth_interp():
     x = scores(3, QWEN_05B, 40) * 2.5 - 7
     assert_close(get_aligner("linear", QWEN_05B, QWEN_7B)(x),
-                 get_aligner("depth_interp", QWEN_05B, QWEN_7B)(x), atol=1e-4, rtol=1e-5)
+                 get_aligner("depth_interp", QWEN_05B, QWEN_7B)(x))
 
 
 @pytest.mark.parametrize("params", [
@@ -299,7 +299,7 @@ def test_to_log_scores_keeps_invalid_positions_and_zero_mass():
     logs = align.to_log_scores(mass, floor=1e-20)
     assert logs[0] == torch.log(torch.tensor(0.5)) and logs[3] == 0.0
     assert torch.isfinite(logs[1]) and torch.isneginf(logs[2])
-    with pytest.raises(ValueError, match=r"floor must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"floor must be a finite float > 0, got 0.0"):
         align.to_log_scores(mass, floor=0)
 
 
@@ -337,7 +337,7 @@ def test_axial_matches_the_float64_reference(case, device):
     axial = randomise_weights(get_aligner("axial", proxy, target, **params), seed=seed)
     expected = axial_reference(axial, x)
     actual = axial.to(device)(x.to(device))
-    assert_close(actual, expected.float(), atol=1e-4, rtol=1e-4, name=f"axial {params}")
+    assert_close(actual, expected.float(), name=f"axial {params}")
 
 
 @pytest.mark.parametrize("width", [1, 3, 7])

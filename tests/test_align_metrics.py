@@ -155,7 +155,8 @@ def test_bad_metric_inputs_raise(call):
 
 def test_bad_recall_options_raise():
     scores = torch.zeros(1, 1, 1, 4)
-    with pytest.raises(ValueError, match=r"keep_ratios must be numbers in \(0, 1\], got \(0.0,\)"):
+    with pytest.raises(ValueError, match=r"each keep_ratios entry must be a finite float in \(0, 1\] "
+                       r"\(the fraction of positions kept\), got 0.0"):
         topk_recall(scores, scores, (0.0,))
     with pytest.raises(ValueError, match=r"scope must be one of 'head' or 'global', got 'layer'"):
         topk_recall(scores, scores, scope="layer")

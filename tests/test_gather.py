@@ -159,6 +159,30 @@ def test_ragged_gather_of_a_selection_layer_equals_masking(impl, device):
         assert torch.equal(k_out.cpu(), expected)
 
 
+@pytest.mark.parametrize("d", [192, 256])
+def test_head_dims_above_one_block_chunk_the_head_dim(d, device):
+    # BLOCK_D caps at 128, so D = 192 / 256 run the kernels' head-dim chunk loop more than once.
+    b, h, t = 1, 2, 12
+    k, v = _kv((b, h, t, d), torch.float16, "bthd", d, device)
+    indices = torch.tensor([[[0, 4, 11], [2, 3, 7]]])
+    k_uni, v_uni = gather_kv(k, v, indices.to(device), impl="triton")
+    k_ref, v_ref = gather_kv_reference(k.cpu(), v.cpu(), indices)
+    assert torch.equal(k_uni.cpu(), k_ref) and torch.equal(v_uni.cpu(), v_ref)
+    packed = torch.tensor([0, 4, 11, 5], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, 3, 4], dtype=torch.int32)
+    k_rag, v_rag = gather_kv_ragged(k, v, packed.to(device), cu_seqlens.to(device), impl="triton")
+    k_ref, v_ref = gather_kv_ragged_reference(k.cpu(), v.cpu(), packed, cu_seqlens)
+    assert torch.equal(k_rag.cpu(), k_ref) and torch.equal(v_rag.cpu(), v_ref)
+
+
+def test_unsorted_last_segment_before_empty_trailing_segments_is_caught():
+    # Empty trailing segments start at N; that must not excuse the last entry from the sort check.
+    k = v = torch.zeros(1, 3, 10, 4)
+    with pytest.raises(ValueError, match="at packed positions 1, 2"):
+        gather_kv_ragged(k, v, torch.tensor([0, 5, 2]),
+                         torch.tensor([0, 0, 3, 3], dtype=torch.int32))
+
+
 def test_uniform_and_ragged_gathers_agree(device):
     b, h, t, d = 2, 2, 40, 16
     indices = torch.stack([torch.randperm(t)[:11].sort().values for _ in range(b * h)])
@@ -303,9 +327,16 @@ def _ragged_args(**changes):
     (dict(out=(torch.zeros(6, 4), torch.zeros(6, 4)),
           out_cu_seqlens=torch.tensor([0, 3, 5], dtype=torch.int32)), ValueError,
      "out_cu_seqlens must end at the number of rows of out = 6, got out_cu_seqlens"),
+    (dict(out=(torch.zeros(6, 4), torch.zeros(5, 4)),
+          out_cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
+     r"out\[1\] must have shape \(6, 4\) \[M, D\], got \(5, 4\)"),
+    (dict(out=(torch.zeros(6), torch.zeros(6)),
+          out_cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
+     r"out\[0\] must be a 2-D tensor \[M, D\], got shape \(6,\)"),
 ], ids=["above-T", "unsorted", "repeated", "cu-decreasing", "cu-short", "cu-not-zero",
         "cu-int64", "cu-length", "indices-rank", "cu-device", "kv-dtype", "out-shape",
-        "out-cu-without-out", "out-cu-too-small", "out-cu-end"])
+        "out-cu-without-out", "out-cu-too-small", "out-cu-end", "out-cu-rows-differ",
+        "out-cu-rank"])
 def test_gather_kv_ragged_bad_input_raises(changes, error, message):
     with pytest.raises(error, match=message):
         gather_kv_ragged(**_ragged_args(**changes))

@@ -59,13 +59,13 @@ def test_a_custom_policy_registers_and_a_name_cannot_be_taken_twice(device):
 
 # ----------------------------------------------------------------------------------- budgets
 @pytest.mark.parametrize("budget_args, error, message", [
-    pytest.param({"keep_ratio": 0.0}, ValueError, r"keep_ratio must be in \(0, 1\].*got 0.0",
+    pytest.param({"keep_ratio": 0.0}, ValueError, r"keep_ratio must be a finite float in \(0, 1\] \(the fraction of positions kept\), got 0.0",
                  id="ratio-zero"),
-    pytest.param({"keep_ratio": -0.5}, ValueError, r"keep_ratio must be in \(0, 1\].*got -0.5",
+    pytest.param({"keep_ratio": -0.5}, ValueError, r"keep_ratio must be a finite float in \(0, 1\].*got -0.5",
                  id="ratio-negative"),
-    pytest.param({"keep_ratio": 1.5}, ValueError, r"keep_ratio must be in \(0, 1\].*got 1.5",
+    pytest.param({"keep_ratio": 1.5}, ValueError, r"keep_ratio must be a finite float in \(0, 1\].*got 1.5",
                  id="ratio-above-one"),
-    pytest.param({"keep_ratio": float("nan")}, ValueError, r"keep_ratio must be in \(0, 1\]",
+    pytest.param({"keep_ratio": float("nan")}, ValueError, r"keep_ratio must be a finite float in \(0, 1\]",
                  id="ratio-nan"),
     pytest.param({"keep_ratio": "0.5"}, TypeError, r"keep_ratio must be a float.*got str",
                  id="ratio-str"),
@@ -151,11 +151,11 @@ def test_bad_scores(scores, error, message):
 @pytest.mark.parametrize("name, params, error, message", [
     pytest.param("head_budget", {"scope": "head"}, ValueError,
                  r"scope must be one of 'layer' or 'global', got 'head'", id="scope"),
-    pytest.param("head_budget", {"alpha": 1.5}, ValueError, r"alpha must be a float in \[0, 1\].*"
+    pytest.param("head_budget", {"alpha": 1.5}, ValueError, r"alpha must be a finite float in \[0, 1\].*"
                  r"got 1.5", id="alpha-high"),
-    pytest.param("head_budget", {"alpha": -0.1}, ValueError, r"alpha must be a float in \[0, 1\]",
+    pytest.param("head_budget", {"alpha": -0.1}, ValueError, r"alpha must be a finite float in \[0, 1\]",
                  id="alpha-negative"),
-    pytest.param("head_budget", {"alpha": "0.2"}, ValueError, r"alpha must be a float",
+    pytest.param("head_budget", {"alpha": "0.2"}, TypeError, r"alpha must be a float, got str",
                  id="alpha-str"),
     pytest.param("pooled_window", {"kernel_size": 4}, ValueError, r"kernel_size must be odd",
                  id="kernel-even"),
@@ -177,7 +177,7 @@ def test_bad_scores(scores, error, message):
                  id="beta-inf"),
     pytest.param("threshold", {"tau": float("nan")}, ValueError,
                  r"tau must be a finite float .*got nan", id="tau-nan"),
-    pytest.param("threshold", {"tau": None}, ValueError, r"tau must be a finite float",
+    pytest.param("threshold", {"tau": None}, TypeError, r"tau must be a float, got NoneType",
                  id="tau-none"),
     pytest.param("threshold", {"tau": 0.0, "min_per_head": -2}, ValueError,
                  r"min_per_head must be >= 0, got -2", id="minimum-negative"),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import proxykv.cache as cache_module
 from proxykv.cache import RaggedKVCache
 from proxykv.selection import Selection
 from proxykv.testing import assert_close
@@ -128,6 +129,32 @@ def test_appends_reuse_the_storage_until_the_spare_room_runs_out(impl, device):
         ragged.append(0, token, token)
     assert ragged.num_repacks <= 1 + 6, ragged.num_repacks
     assert ragged.lengths(0).tolist() == [[10 + 104, 10 + 104]]
+
+
+def test_a_repack_copying_in_several_chunks_keeps_every_row(monkeypatch, device):
+    monkeypatch.setattr(cache_module, "COPY_CHUNK_ROWS", 3)  # ragged rows: 7 + 2 -> 3 chunks
+    b, h_kv, t, d = 1, 2, 30, 4
+    cache = _full_cache(b, 1, h_kv, t, d, torch.float32, "contiguous", 1, device)
+    mask = torch.zeros(b, 1, h_kv, t, dtype=torch.bool)
+    mask[0, 0, 0, ::5] = True   # 6 rows
+    mask[0, 0, 1, 3] = True     # 1 row
+    ragged = RaggedKVCache.from_selection(cache, Selection.from_mask(mask), reserve_steps=1)
+    tokens = [torch.full((b, h_kv, d), float(step), device=device) for step in range(2)]
+    for token in tokens:
+        ragged.append(0, token, token * 2)
+    assert ragged.num_repacks == 1
+    keys, values, _, positions = ragged.to_packed(0)
+    k, v = cache[0]
+    expected_k = torch.cat([torch.cat([k[0, hh][mask[0, 0, hh].to(device)]]
+                                      + [token[0, hh, None] for token in tokens])
+                            for hh in range(h_kv)])
+    expected_v = torch.cat([torch.cat([v[0, hh][mask[0, 0, hh].to(device)]]
+                                      + [2 * token[0, hh, None] for token in tokens])
+                            for hh in range(h_kv)])
+    assert torch.equal(keys.cpu(), expected_k.cpu()) and torch.equal(values.cpu(),
+                                                                     expected_v.cpu())
+    expected_positions = [0, 5, 10, 15, 20, 25, 30, 31, 3, 30, 31]
+    assert positions.cpu().tolist() == expected_positions
 
 
 def test_nbytes_is_what_is_allocated_and_shrinks_with_the_budget(device):

@@ -61,3 +61,24 @@ def test_uniform_constructor_sorts_and_validate_catches_repeats():
         Selection.uniform(torch.tensor([[[[1, 6]]]]), seq_len=6).validate()
     with pytest.raises(ValueError, match=r"layer_index must be in \[0, 1\), got 1"):
         selection.layer(1)
+
+
+def test_validate_checks_ragged_bounds_range_and_order():
+    def ragged(indices, cu_seqlens, seq_len=6):
+        return Selection(torch.tensor(indices, dtype=torch.int32),
+                         torch.tensor(cu_seqlens, dtype=torch.int32), 1, 1, 2, seq_len, 1.0)
+
+    ragged([1, 4, 0], [0, 2, 3]).validate()
+    ragged([], [0, 0, 0]).validate()
+    with pytest.raises(ValueError, match=r"rise monotonically from 0 to N=3: .*must start at 0"):
+        ragged([1, 4, 0], [1, 2, 3]).validate()
+    with pytest.raises(ValueError, match=r"rise monotonically from 0 to N=3: .*non-decreasing"):
+        ragged([1, 4, 0], [0, 4, 3]).validate()
+    with pytest.raises(ValueError, match=r"rise monotonically from 0 to N=3: .*must end at N"):
+        ragged([1, 4, 0], [0, 2, 2]).validate()
+    with pytest.raises(ValueError, match=r"must lie in \[0, 6\), got values in \[0, 6\]"):
+        ragged([1, 6, 0], [0, 2, 3]).validate()
+    with pytest.raises(ValueError, match="strictly increasing within each head"):
+        ragged([4, 1, 0], [0, 2, 3]).validate()
+    with pytest.raises(ValueError, match="strictly increasing within each head"):
+        ragged([0, 4, 1], [0, 0, 3]).validate()  # sorted across, not within, the last segment

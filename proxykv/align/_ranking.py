@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from proxykv._validation import check_float
+
+
+def check_keep_ratios(keep_ratios) -> tuple[float, ...]:
+    """One keep ratio or a non-empty sequence of them, each in ``(0, 1]``; returns floats."""
+    ratios = tuple(keep_ratios) if hasattr(keep_ratios, "__iter__") else (keep_ratios,)
+    if not ratios:
+        raise ValueError(f"keep_ratios must hold at least one ratio, got {keep_ratios!r}")
+    return tuple(check_float("each keep_ratios entry", ratio, minimum=0.0, maximum=1.0,
+                             exclusive_minimum=True, meaning="the fraction of positions kept")
+                 for ratio in ratios)
+
 
 def descending_ranks(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Rank of each valid entry within its row (last axis), 0 = largest, ties sharing the average

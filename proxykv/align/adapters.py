@@ -12,8 +12,10 @@ import math
 import torch
 from torch import nn
 
-from proxykv.align.base import NEG_INF, Aligner, all_channels_valid, sample_statistics
+from proxykv._validation import check_float
+from proxykv.align.base import NEG_INF, Aligner, kernel_impl, sample_statistics
 from proxykv.align.registry import register_aligner
+from proxykv.kernels import combine_layers
 
 
 def layer_interp_matrix(proxy_layers: int, target_layers: int) -> torch.Tensor:
@@ -59,18 +61,6 @@ def depth_interp_matrix(proxy_shape: tuple[int, int],
     return torch.kron(layers, heads).float()
 
 
-def mix_channels(matrix: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """``matrix [Co, Ci] @ channels [B, Ci, T]`` -> ``[B, Co, T]`` for scores with ``-inf``.
-
-    An output entry is ``-inf`` when any input it reads with a non-zero weight is ``-inf``; inputs
-    with zero weight never turn an output into NaN.
-    """
-    invalid = channels == NEG_INF
-    mixed = torch.matmul(matrix, torch.where(invalid, 0.0, channels))
-    reads_invalid = torch.matmul((matrix != 0).to(channels.dtype), invalid.to(channels.dtype)) > 0
-    return mixed.masked_fill_(reads_invalid, NEG_INF)
-
-
 @register_aligner
 class IdentityAligner(Aligner):
     """Returns the proxy scores unchanged (a copy). Needs equal proxy and target shapes."""
@@ -106,8 +96,9 @@ class DepthInterpAligner(Aligner):
 
     def _align(self, scores: torch.Tensor) -> torch.Tensor:
         batch, length = scores.shape[0], scores.shape[-1]
-        channels = scores.reshape(batch, self.proxy_channels, length)
-        return mix_channels(self.matrix, channels).view(batch, *self.target_shape, length)
+        channels = scores.reshape(batch, self.proxy_channels, 1, length)
+        out = combine_layers(channels, self.matrix, impl=kernel_impl(scores))
+        return out.view(batch, *self.target_shape, length)
 
 
 @register_aligner
@@ -123,7 +114,7 @@ class MeanBroadcastAligner(Aligner):
     def _align(self, scores: torch.Tensor) -> torch.Tensor:
         batch, length = scores.shape[0], scores.shape[-1]
         channels = scores.reshape(batch, self.proxy_channels, length)
-        valid = all_channels_valid(channels)
+        valid = (channels != NEG_INF).all(1, keepdim=True)
         mean = torch.where(valid, channels, 0.0).mean(dim=1, keepdim=True)
         mean = mean.masked_fill_(~valid, NEG_INF)
         return mean.view(batch, 1, 1, length).expand(batch, *self.target_shape, length).contiguous()
@@ -155,10 +146,11 @@ class LinearAligner(Aligner):
         batch, length = scores.shape[0], scores.shape[-1]
         channels = scores.reshape(batch, self.proxy_channels, length)
         valid = channels != NEG_INF
+        keep = valid.all(1, keepdim=True)
         mean, std = sample_statistics(channels, valid)
         standardised = torch.where(valid, (channels - mean) / std, 0.0)
         mixed = torch.matmul(self.weight, standardised) + self.bias[:, None]
-        out = (mean + std * mixed).masked_fill(~all_channels_valid(channels), NEG_INF)
+        out = (mean + std * mixed).masked_fill(~keep, NEG_INF)
         return out.view(batch, *self.target_shape, length)
 
     def closed_form_statistics(self, proxy_scores: torch.Tensor,
@@ -173,7 +165,7 @@ class LinearAligner(Aligner):
         proxy_valid, target_valid = proxy != NEG_INF, target != NEG_INF
         mean, std = sample_statistics(proxy, proxy_valid)
         target_mean, target_std = sample_statistics(target, target_valid)
-        used = (all_channels_valid(proxy) & all_channels_valid(target)).reshape(-1)
+        used = (proxy_valid.all(1, keepdim=True) & target_valid.all(1, keepdim=True)).reshape(-1)
         features = torch.cat([(proxy - mean) / std, torch.ones_like(proxy[:, :1])], dim=1)
         features = features.transpose(1, 2).reshape(-1, self.proxy_channels + 1)[used].double()
         teacher = ((target - target_mean) / target_std).transpose(1, 2)
@@ -185,8 +177,7 @@ class LinearAligner(Aligner):
     def solve_closed_form(self, statistics: dict[str, torch.Tensor], ridge: float) -> None:
         """Set ``weight`` and ``bias`` to the ridge solution ``(G + ridge*n*I') \\ C`` (the bias is
         not penalised). ``ridge`` is per token, on standardised features."""
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+        ridge = check_float("ridge", ridge, minimum=0.0)
         count = float(statistics["count"])
         if count == 0:
             raise ValueError("the closed-form fit found no position valid in every proxy and "

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxykv._validation import check_int
-from proxykv.align.adapters import depth_interp_matrix, mix_channels
-from proxykv.align.base import NEG_INF, Aligner, all_channels_valid, sample_statistics
+from proxykv.align.adapters import depth_interp_matrix
+from proxykv.align.base import NEG_INF, Aligner, kernel_impl, sample_statistics
 from proxykv.align.registry import register_aligner
 from proxykv.kernels import pool_scores
 
@@ -85,16 +85,19 @@ class HybridAxialMapper(Aligner):
                 "pool_sizes": list(self.pool_sizes), "profiles": self.profiles,
                 "hidden": self.hidden}
 
-    def temporal_features(self, standardised: torch.Tensor) -> torch.Tensor:
+    def temporal_features(self, standardised: torch.Tensor,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, Cp, T]`` standardised log-scores (``-inf`` = invalid) -> finite features
-        ``[B, Cp, F, T]``; 0 at invalid positions."""
-        valid = standardised != NEG_INF
+        ``[B, Cp, F, T]``; 0 at invalid positions. ``valid`` (``standardised != -inf``) may be
+        passed when the caller has it."""
+        if valid is None:
+            valid = standardised != NEG_INF
         filled = torch.where(valid, standardised, 0.0)
         parts = [filled.unsqueeze(2)]
         if self.conv_filters:
             parts.append(_depthwise_conv(filled, self.conv_weight))
         # pool_scores pools over valid entries only; the CPU path must not pick the interpreter.
-        impl = None if standardised.is_cuda else "torch"
+        impl = kernel_impl(standardised)
         for size in self.pool_sizes:
             for mode in ("avg", "max"):
                 pooled = pool_scores(standardised, size, mode=mode, impl=impl)
@@ -105,16 +108,19 @@ class HybridAxialMapper(Aligner):
         batch, length = scores.shape[0], scores.shape[-1]
         channels = scores.reshape(batch, self.proxy_channels, length)
         valid = channels != NEG_INF
+        keep = valid.all(1, keepdim=True)
         mean, std = sample_statistics(channels, valid)
-        features = self.temporal_features(((channels - mean) / std).contiguous())
+        features = self.temporal_features((channels - mean) / std, valid)
         profiles = torch.matmul(self.profile_weight, features)  # [B, Cp, profiles, T]
         profiles = profiles.view(batch, self.proxy_channels * self.profiles, length)
         aligned = _per_token_linear(self.mix_linear, profiles)
         if self.mix_in is not None:
             hidden = F.gelu(_per_token_linear(self.mix_in, profiles))
             aligned = aligned + _per_token_linear(self.mix_out, hidden)
-        out = mix_channels(self.residual, channels) + std * aligned
-        out = out.masked_fill(~all_channels_valid(channels), NEG_INF)
+        # Positions invalid in some channel are masked below, so the residual can read the
+        # invalid entries as 0 (no -inf bookkeeping needed).
+        residual = torch.matmul(self.residual, torch.where(valid, channels, 0.0))
+        out = (residual + std * aligned).masked_fill(~keep, NEG_INF)
         return out.view(batch, *self.target_shape, length)
 
 

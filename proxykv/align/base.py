@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from proxykv._validation import check_same_device, check_tensor
+from proxykv._validation import check_float, check_same_device, check_tensor
+from proxykv.align._ranking import row_mean_std
 
 NEG_INF = float("-inf")
 
@@ -74,26 +75,23 @@ def to_log_scores(scores: torch.Tensor, *, floor: float = 1e-30) -> torch.Tensor
     Not checked: negative scores (they become ``log(floor)`` too).
     """
     check_tensor("scores", scores, dtypes=(torch.float32,))
-    if not floor > 0:
-        raise ValueError(f"floor must be > 0, got {floor!r}")
+    check_float("floor", floor, minimum=0.0, exclusive_minimum=True)
     return torch.where(scores == NEG_INF, scores, scores.clamp_min(floor).log())
 
 
 def sample_statistics(values: torch.Tensor, valid: torch.Tensor,
                       eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of each sample's valid entries.
+    """Mean and standard deviation of each sample's valid entries (``row_mean_std`` over all of a
+    sample's entries).
 
     ``values`` ``[B, ...]`` (may hold ``-inf`` where ``valid`` is False); returns two tensors shaped
     ``[B, 1, ..., 1]``. The standard deviation is at least ``eps`` so a constant sample divides
     safely. A sample without valid entries gets mean 0.
     """
-    dims = tuple(range(1, values.dim()))
-    count = valid.sum(dim=dims, keepdim=True).clamp_min(1)
-    filled = torch.where(valid, values, 0.0)
-    mean = filled.sum(dim=dims, keepdim=True) / count
-    centred = torch.where(valid, values - mean, 0.0)
-    variance = centred.square().sum(dim=dims, keepdim=True) / count
-    return mean, variance.sqrt().clamp_min(eps)
+    batch = values.shape[0]
+    mean, std = row_mean_std(values.reshape(batch, -1), valid.reshape(batch, -1))
+    shape = (batch,) + (1,) * (values.dim() - 1)
+    return mean.view(shape), std.clamp_min(eps).view(shape)
 
 
 def all_channels_valid(channels: torch.Tensor) -> torch.Tensor:
@@ -103,6 +101,12 @@ def all_channels_valid(channels: torch.Tensor) -> torch.Tensor:
     when any proxy channel is invalid there, so an invalid position never becomes valid.
     """
     return (channels != NEG_INF).all(dim=1, keepdim=True)
+
+
+def kernel_impl(tensor: torch.Tensor) -> str | None:
+    """The ``impl`` the aligners pass to ``proxykv.kernels`` ops: the default backend on CUDA, the
+    torch one on the CPU (never the Triton interpreter, which is far slower)."""
+    return None if tensor.is_cuda else "torch"
 
 
 class Aligner(nn.Module):
@@ -147,17 +151,23 @@ class Aligner(nn.Module):
         Not checked: NaN or ``+inf`` entries (the result is unspecified).
         """
         check_scores("scores", scores, self.proxy_shape, "proxy")
-        self._check_device(scores)
+        device = self.device
+        if device is not None and device != scores.device:
+            raise ValueError(f"scores is on {scores.device} but the {self.name!r} aligner is on "
+                             f"{device}; move one of them with .to()")
         return self._align(scores.detach())
 
     def _align(self, scores: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _check_device(self, scores: torch.Tensor) -> None:
-        tensors = [*self.parameters(), *self.buffers()]
-        if tensors and tensors[0].device != scores.device:
-            raise ValueError(f"scores is on {scores.device} but the {self.name!r} aligner is on "
-                             f"{tensors[0].device}; move one of them with .to()")
+    @property
+    def device(self) -> torch.device | None:
+        """The device of the first parameter or buffer; None for an aligner that holds none."""
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return None
 
     def save(self, path, *, metadata: dict | None = None) -> None:
         """Write ``weights.safetensors`` and ``config.json`` into the directory ``path``."""

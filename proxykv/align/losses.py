@@ -18,16 +18,16 @@ Their scale conventions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxykv._validation import check_int, check_tensor
+from proxykv._validation import check_float, check_int, check_tensor
 from proxykv.align._ranking import (
     budget_sizes,
+    check_keep_ratios,
     descending_ranks,
     kth_largest,
     row_mean_std,
@@ -39,18 +39,7 @@ _MASKED_LOGIT = -1e30  # finite, so a fully masked row softmaxes to finite numbe
 
 
 def _check_temperature(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_keep_ratios(keep_ratios) -> tuple[float, ...]:
-    ratios = tuple(keep_ratios) if hasattr(keep_ratios, "__iter__") else (keep_ratios,)
-    if not ratios or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1
-                         for r in ratios):
-        raise ValueError(f"keep_ratios must be numbers in (0, 1], got {keep_ratios!r}")
-    return tuple(float(r) for r in ratios)
+    return check_float(name, value, minimum=0.0, exclusive_minimum=True)
 
 
 def _mean_over(values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -207,7 +196,7 @@ def budget_share_loss(pred: torch.Tensor, target: torch.Tensor, *,
     Loss: total variation ``0.5 * sum |share_pred - share_teacher|`` (in [0, 1]), averaged over
     keep ratios and samples. Layer shares are sums of head shares."""
     check_score_pair(pred, target, "target")
-    ratios = _check_keep_ratios(keep_ratios)
+    ratios = check_keep_ratios(keep_ratios)
     temperature = _check_temperature("temperature", temperature)
     samples, length = pred.shape[0], pred.shape[-1]
     pred_rows, target_rows = pred.reshape(samples, -1, length), target.reshape(samples, -1, length)
@@ -285,15 +274,13 @@ class MultiGranularityLoss(nn.Module):
         super().__init__()
         weights = dict(zip(self.TERMS, (regression, token_rank, block_rank, budget_share)))
         for name, weight in weights.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-                    or not math.isfinite(weight):
-                raise ValueError(f"the weight {name} must be a finite number >= 0, got {weight!r}")
+            weights[name] = check_float(f"the weight {name}", weight, minimum=0.0)
         if not any(weights.values()):
             raise ValueError(f"at least one loss weight must be > 0, got {weights}")
-        self.weights = {name: float(weight) for name, weight in weights.items()}
+        self.weights = weights
         self.temperature = _check_temperature("temperature", temperature)
         self.block_size = check_int("block_size", block_size, minimum=1)
-        self.keep_ratios = _check_keep_ratios(keep_ratios)
+        self.keep_ratios = check_keep_ratios(keep_ratios)
         self.share_temperature = _check_temperature("share_temperature", share_temperature)
 
     def _settings(self) -> tuple:

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from proxykv._validation import check_choice
-from proxykv.align._ranking import budget_sizes, descending_ranks, kth_largest, row_mean_std
+from proxykv.align._ranking import (
+    budget_sizes,
+    check_keep_ratios,
+    descending_ranks,
+    kth_largest,
+    row_mean_std,
+)
 from proxykv.align.base import NEG_INF, check_score_pair
 
 RECALL_SCOPES = ("head", "global")
@@ -36,10 +42,7 @@ def topk_recall(pred: torch.Tensor, teacher: torch.Tensor, keep_ratios=DEFAULT_K
     check_score_pair(pred, teacher, "teacher")
     check_choice("scope", scope, RECALL_SCOPES)
     check_choice("reduction", reduction, ("mean", "none"))
-    ratios = tuple(keep_ratios)
-    for ratio in ratios:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-            raise ValueError(f"keep_ratios must be numbers in (0, 1], got {keep_ratios!r}")
+    ratios = check_keep_ratios(keep_ratios)
     row_shape = pred.shape[:3] if scope == "head" else pred.shape[:1]
     width = pred.shape[-1] if scope == "head" else pred[0].numel()
     pred_rows = pred.reshape(-1, width)

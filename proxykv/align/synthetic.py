@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from proxykv._validation import check_int
+from proxykv._validation import check_float, check_int
 from proxykv.align.base import NEG_INF, check_model_shape
 
 
@@ -30,8 +30,9 @@ def synthetic_pair(samples: int, proxy_shape, target_shape, length: int, *, seed
     proxy_shape = check_model_shape("proxy_shape", proxy_shape)
     target_shape = check_model_shape("target_shape", target_shape)
     check_int("len(blur)", len(blur), minimum=1, odd=True)
-    if not 0 <= padded_fraction < 1:
-        raise ValueError(f"padded_fraction must be in [0, 1), got {padded_fraction!r}")
+    check_float("padded_fraction", padded_fraction, minimum=0.0, maximum=1.0)
+    if padded_fraction == 1:
+        raise ValueError("padded_fraction must be < 1 (every sample keeps a valid token), got 1.0")
     proxy_channels = proxy_shape[0] * proxy_shape[1]
     target_channels = target_shape[0] * target_shape[1]
     mixing_generator = torch.Generator().manual_seed(mixing_seed)

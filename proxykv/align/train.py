@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from proxykv._validation import check_choice, check_int
+from proxykv._validation import check_choice, check_float, check_int
 from proxykv.align.base import Aligner, all_channels_valid, check_scores
 from proxykv.align.losses import MultiGranularityLoss, TeacherTargets
 from proxykv.align.metrics import DEFAULT_KEEP_RATIOS, per_head_spearman, topk_recall
@@ -48,8 +48,7 @@ class FitResult:
 
 
 def _device_of(aligner: Aligner) -> torch.device:
-    tensors = [*aligner.parameters(), *aligner.buffers()]
-    return tensors[0].device if tensors else torch.device("cpu")
+    return aligner.device or torch.device("cpu")
 
 
 def check_pair(aligner: Aligner, proxy, target, where: str = "") -> None:
@@ -171,35 +170,28 @@ def _split(aligner: Aligner, proxy_scores, target_scores, val_fraction: float, v
         else:
             held_out = _as_data(aligner, val_data, None, batch_size, "val_data")
         return train, held_out, "val_data"
+    data = _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores")
     if val_fraction == 0:
-        return _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores"), None, \
-            "train"
-    if isinstance(proxy_scores, torch.Tensor):
-        if target_scores is None:
-            raise ValueError("target_scores is required when proxy_scores is a tensor")
-        check_pair(aligner, proxy_scores, target_scores)
-        samples = proxy_scores.shape[0]
+        return data, None, "train"
+    if isinstance(data, _TensorData):
+        samples = len(data.indices)
         held = round(val_fraction * samples)
         if samples < 2 or held < 1 or held >= samples:
             raise ValueError(f"val_fraction={val_fraction} of {samples} sample(s) leaves no "
                              f"held-out or no training sample; pass more samples, val_data, or "
                              f"val_fraction=0")
         order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
-        return (_TensorData(aligner, proxy_scores, target_scores, order[held:], batch_size),
-                _TensorData(aligner, proxy_scores, target_scores, order[:held], batch_size),
+        return (_TensorData(aligner, data.proxy, data.target, order[held:], batch_size),
+                _TensorData(aligner, data.proxy, data.target, order[:held], batch_size),
                 "held_out")
-    if target_scores is not None:
-        raise TypeError(f"with target_scores given, proxy_scores must be a tensor, got "
-                        f"{type(proxy_scores).__name__}")
-    _check_reiterable("proxy_scores", proxy_scores)
     # Every period-th batch is held out (deterministic, whatever order the iterable has).
     period = max(2, round(1 / val_fraction))
 
     def held_out_batch(index: int) -> bool:
         return index % period == period - 1
 
-    train = _IterableData(aligner, proxy_scores, lambda index: not held_out_batch(index))
-    held_out = _IterableData(aligner, proxy_scores, held_out_batch)
+    train = _IterableData(aligner, data.source, lambda index: not held_out_batch(index))
+    held_out = _IterableData(aligner, data.source, held_out_batch)
     return train, held_out, "held_out"
 
 
@@ -322,20 +314,19 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
     if not isinstance(aligner, Aligner):
         raise TypeError(f"aligner must be a proxykv.align.Aligner, got {type(aligner).__name__}")
     check_choice("method", method, FIT_METHODS)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    val_fraction = check_float("val_fraction", val_fraction, minimum=0.0, maximum=1.0,
+                               meaning="the share of the data held out")
+    if val_fraction == 1:
+        raise ValueError("val_fraction must be < 1 (the share of the data held out), got 1.0")
     check_int("epochs", epochs, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
     check_int("patience", patience, minimum=1)
     check_int("seed", seed)
     for name, value in (("lr", lr), ("ridge", ridge), ("weight_decay", weight_decay),
                         ("min_improvement", min_improvement)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-                or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
+        check_float(name, value, minimum=0.0)
+    if max_seconds is not None:
+        check_float("max_seconds", max_seconds, minimum=0.0, exclusive_minimum=True)
     loss = MultiGranularityLoss() if loss is None else loss
     if not isinstance(loss, MultiGranularityLoss):
         raise TypeError(f"loss must be a proxykv.align.MultiGranularityLoss, got "

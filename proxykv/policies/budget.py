@@ -16,6 +16,8 @@ import numbers
 
 import torch
 
+from proxykv._validation import check_float
+
 
 def keep_ratio_to_budget(keep_ratio: float, seq_len: int) -> int:
     """Per-head count for ``keep_ratio`` of ``seq_len`` positions (round half up, at least 1)."""
@@ -47,13 +49,9 @@ def resolve_budget(seq_len: int, keep_ratio, budget, *, needs_budget: bool,
         raise ValueError(f"{policy_name} needs exactly one of keep_ratio and budget, got both "
                          f"(keep_ratio={keep_ratio!r}, budget={budget!r})")
     if keep_ratio is not None:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
-            raise TypeError(f"keep_ratio must be a float in (0, 1], got "
-                            f"{type(keep_ratio).__name__} {keep_ratio!r}")
-        if not 0.0 < float(keep_ratio) <= 1.0:  # also rejects NaN
-            raise ValueError(f"keep_ratio must be in (0, 1] (the fraction of positions kept), "
-                             f"got {keep_ratio!r}")
-        return keep_ratio_to_budget(float(keep_ratio), seq_len)
+        keep_ratio = check_float("keep_ratio", keep_ratio, minimum=0.0, maximum=1.0,
+                                 exclusive_minimum=True, meaning="the fraction of positions kept")
+        return keep_ratio_to_budget(keep_ratio, seq_len)
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
         raise TypeError(f"budget must be an int (positions kept per head), got "
                         f"{type(budget).__name__} {budget!r}")

@@ -3,11 +3,10 @@ budget, so heads with concentrated scores give positions to heads with spread-ou
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 
-from proxykv._validation import check_choice
+from proxykv._validation import check_choice, check_float
 from proxykv.policies.base import Policy
 from proxykv.policies.budget import round_half_up
 from proxykv.policies.ranking import top_count_mask
@@ -33,12 +32,9 @@ class HeadBudget(Policy):
 
     def __init__(self, scope: str = "layer", alpha: float = 0.2):
         check_choice("scope", scope, HEAD_BUDGET_SCOPES)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or \
-                not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be a float in [0, 1] (the fraction of the uniform budget "
-                             f"every head keeps), got {alpha!r}")
         self.scope = scope
-        self.alpha = float(alpha)
+        self.alpha = check_float("alpha", alpha, minimum=0.0, maximum=1.0,
+                                 meaning="the fraction of the uniform budget every head keeps")
 
     def _params(self) -> dict:
         return {"scope": self.scope, "alpha": self.alpha}

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
+from proxykv._validation import check_float
 from proxykv.policies.base import Policy, Wrapper
 from proxykv.policies.budget import pyramid_budgets
 from proxykv.policies.registry import register_policy
@@ -28,11 +27,8 @@ class Pyramid(Wrapper):
 
     def __init__(self, inner: Policy, beta: float = 20.0):
         super().__init__(inner, inner_needs_budget=True)
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or \
-                not math.isfinite(beta) or beta < 1:
-            raise ValueError(f"beta must be a finite float >= 1 (mean budget / deepest layer's "
-                             f"budget; 1 = uniform), got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_float("beta", beta, minimum=1.0,
+                                meaning="mean budget / deepest layer's budget; 1 = uniform")
 
     def _params(self) -> dict:
         return {"beta": self.beta, "inner": self.inner}

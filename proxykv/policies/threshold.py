@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 
-from proxykv._validation import check_int
+from proxykv._validation import check_float, check_int
 from proxykv.policies.base import Policy
 from proxykv.policies.protection import Protected
 from proxykv.policies.ranking import top_count_mask
@@ -23,9 +21,7 @@ class Threshold(Policy):
     uniform_allocation = False
 
     def __init__(self, tau: float, min_per_head: int = 0):
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau):
-            raise ValueError(f"tau must be a finite float (scores above it are kept), got {tau!r}")
-        self.tau = float(tau)
+        self.tau = check_float("tau", tau, meaning="scores above it are kept")
         self.min_per_head = check_int("min_per_head", min_per_head, minimum=0)
 
     def _params(self) -> dict:

@@ -23,6 +23,7 @@ from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     check_choice,
     check_dim,
+    check_has_positions,
     check_int,
     check_same_device,
     check_tensor,
@@ -47,16 +48,10 @@ NORMALIZE_MODES = ("sum", "max", "none")
 _TRITON = "proxykv.kernels.aggregate.triton_impl"
 
 
-def _check_length(name: str, tensor: torch.Tensor) -> None:
-    if tensor.shape[-1] == 0:
-        raise ValueError(f"{name} must have at least one position (T >= 1), got shape "
-                         f"{tuple(tensor.shape)}")
-
-
 def _check_grouped_scores(scores, group_size) -> None:
     check_tensor("scores", scores, min_ndim=2, layout="[..., H_q, T]", dtypes=(torch.float32,))
     check_int("group_size", group_size, minimum=1)
-    _check_length("scores", scores)
+    check_has_positions("scores", scores)
     heads = scores.shape[-2]
     if heads % group_size != 0:
         raise ValueError(
@@ -124,7 +119,7 @@ def normalize_scores(
     """
     check_tensor("scores", scores, min_ndim=1, layout="[..., T]", dtypes=(torch.float32,))
     check_choice("mode", mode, NORMALIZE_MODES)
-    _check_length("scores", scores)
+    check_has_positions("scores", scores)
     _, run = dispatch("normalize_scores", impl, scores.device)
     return run(scores, mode)
 
@@ -200,7 +195,7 @@ def combine_layers(
     check_tensor("scores", scores, ndim=4, layout="[B, L_in, H, T]", dtypes=(torch.float32,))
     check_tensor("weights", weights, ndim=2, layout="[L_out, L_in]", dtypes=(torch.float32,))
     check_same_device(scores=scores, weights=weights)
-    _check_length("scores", scores)
+    check_has_positions("scores", scores)
     check_dim("weights", weights, 1, scores.shape[1], "the number of input layers L_in")
     if weights.shape[0] == 0:
         raise ValueError(f"weights must have at least one output layer (L_out >= 1), got shape "

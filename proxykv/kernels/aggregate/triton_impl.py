@@ -393,8 +393,8 @@ _AGGREGATE_VARIANTS = [
       for group_max in (False, True) for group_block in (1, 2, 4, 8)],
     *[(True, pool, "none", True, 1, block_t) for pool in ("max", "avg") for block_t in (16, 1024)],
     (False, None, "none", True, 4, 16),
-    (False, None, "sum", False, 1, 16),
-    (False, None, "max", False, 1, 1024),
+    (True, None, "sum", False, 1, 16),
+    (True, None, "max", False, 1, 1024),
     *[(False, pool, stat, True, 4, 1024)
       for pool in ("max", "avg") for stat in ("none", "sum", "max")],
     (True, "max", "max", True, 4, 1024),

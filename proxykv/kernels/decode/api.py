@@ -9,15 +9,17 @@ import torch
 from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     FLOAT_DTYPES,
+    bounds_statistics,
     check_gqa,
     check_int,
     check_same_device,
     check_same_dtype,
     check_tensor,
+    first_true_index,
+    raise_for_bounds,
 )
 from proxykv.kernels.decode.reference import ragged_decode_attention_reference
 from proxykv.kernels.decode.torch_impl import ragged_decode_attention_torch
-from proxykv.kernels.gather.api import bounds_statistics, raise_for_bounds
 
 
 def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None,
@@ -26,11 +28,8 @@ def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | Non
     stats = bounds_statistics(cu_seqlens)
     capacity = cu_seqlens[1:] - cu_seqlens[:-1]
     if seq_lens is not None:
-        too_long = seq_lens > capacity
-        first_too_long = torch.where(too_long, torch.arange(too_long.numel(),
-                                                            device=too_long.device),
-                                     too_long.numel()).min()
-        stats += [seq_lens.min().long(), first_too_long, seq_lens.max().long()]
+        stats += [seq_lens.min().long(), first_true_index(seq_lens > capacity),
+                  seq_lens.max().long()]
     else:
         stats.append(capacity.max().long())
     values = torch.stack(stats).tolist()
@@ -40,7 +39,7 @@ def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | Non
         lowest, first_too_long, longest = values[3:]
         if lowest < 0:
             raise ValueError(f"seq_lens must be >= 0, got a minimum of {lowest}")
-        if first_too_long < seq_lens.numel():
+        if first_too_long >= 0:
             s = first_too_long
             raise ValueError(
                 f"seq_lens[{s}] (segment b={s // h_kv}, h={s % h_kv}) = {int(seq_lens[s])} "

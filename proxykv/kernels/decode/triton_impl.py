@@ -124,7 +124,7 @@ def ragged_decode_attention_fwd_kernel(
 @triton.jit(do_not_specialize=["keys_per_split", "num_splits"])
 def ragged_decode_merge_fwd_kernel(
     partial_out_ptr, partial_lse_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr,
-    num_kv_heads, group_size, keys_per_split, num_splits,
+    group_size, keys_per_split, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr,
 ):
@@ -255,7 +255,7 @@ def ragged_decode_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, 
         ragged_decode_merge_fwd_kernel[(b * h_q,)](
             partial_out_ptr=partial_out, partial_lse_ptr=partial_lse, cu_seqlens_ptr=cu_seqlens,
             seq_lens_ptr=seq_lens_arg, out_ptr=out,
-            num_kv_heads=h_kv, group_size=group, keys_per_split=plan.keys_per_split,
+            group_size=group, keys_per_split=plan.keys_per_split,
             num_splits=plan.num_splits,
             HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_S=MERGE_BLOCK_S,
             HAS_SEQ_LENS=seq_lens is not None, num_warps=4,
@@ -301,8 +301,7 @@ def _compile_specs():
                 kernel=ragged_decode_merge_fwd_kernel,
                 signature={"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
                            "cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32", "out_ptr": ptr,
-                           "num_kv_heads": "i32", "group_size": "i32", "keys_per_split": "i32",
-                           "num_splits": "i32"},
+                           "group_size": "i32", "keys_per_split": "i32", "num_splits": "i32"},
                 constexprs={"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim),
                             "BLOCK_S": MERGE_BLOCK_S, "HAS_SEQ_LENS": True},
                 num_warps=4))

@@ -10,10 +10,15 @@ from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    bounds_statistics,
+    check_cu_seqlens,
     check_dim,
     check_same_device,
     check_same_dtype,
     check_tensor,
+    first_true_index,
+    raise_for_bounds,
+    segment_values_statistics,
 )
 from proxykv.kernels.gather.reference import gather_kv_ragged_reference, gather_kv_reference
 from proxykv.kernels.gather.torch_impl import gather_kv_ragged_torch, gather_kv_torch
@@ -34,12 +39,18 @@ def check_kv_pair(k, v) -> torch.device:
     return device
 
 
-def check_out_pair(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+def check_out_pair(out, shape: tuple[int | None, ...], dtype: torch.dtype, device: torch.device,
                    what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` is a pair ``(k_out, v_out)`` of tensors of ``shape``, ``dtype`` and ``device``."""
+    """``out`` is a pair ``(k_out, v_out)`` of tensors of ``shape``, ``dtype`` and ``device``.
+
+    A leading ``None`` in ``shape`` (the row count of a ``[M, D]`` pair with spare room) is taken
+    from ``out[0]``; both tensors must then have that many rows."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"out must be a pair (k_out, v_out) of tensors, got {type(out).__name__}"
                         + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    if shape and shape[0] is None:
+        check_tensor("out[0]", out[0], ndim=len(shape), layout=what, dtypes=(dtype,))
+        shape = (out[0].shape[0], *shape[1:])
     for label, tensor in zip(("out[0]", "out[1]"), out):
         check_tensor(label, tensor, dtypes=(dtype,))
         if tuple(tensor.shape) != tuple(shape):
@@ -50,43 +61,6 @@ def check_out_pair(out, shape: tuple[int, ...], dtype: torch.dtype, device: torc
     return out[0], out[1]
 
 
-def check_cu_seqlens(name: str, cu_seqlens, *, num_segments: int, segments_what: str) -> None:
-    """Shape and dtype of a segment-bounds tensor, int32 ``[num_segments + 1]`` (its values are
-    checked with ``bounds_statistics`` and ``raise_for_bounds``)."""
-    check_tensor(name, cu_seqlens, ndim=1, layout=f"[{segments_what} + 1]", dtypes=(torch.int32,))
-    if cu_seqlens.numel() != num_segments + 1:
-        raise ValueError(f"{name} must have {segments_what} + 1 = {num_segments + 1} entries, got "
-                         f"{cu_seqlens.numel()}")
-
-
-def _first_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the first True of a 1-D bool tensor, or -1, as a 0-D int64 tensor (no sync)."""
-    if mask.numel() == 0:
-        return torch.full((), -1, dtype=torch.int64, device=mask.device)
-    positions = torch.arange(mask.numel(), device=mask.device)
-    first = torch.where(mask, positions, mask.numel()).min()
-    return torch.where(first == mask.numel(), -1, first)
-
-
-def bounds_statistics(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
-    """0-D tensors ``[first, last, first decreasing step or -1]`` of a bounds tensor (no sync)."""
-    steps = cu_seqlens[1:] - cu_seqlens[:-1]
-    return [cu_seqlens[0].long(), cu_seqlens[-1].long(), _first_index(steps < 0)]
-
-
-def raise_for_bounds(name: str, values: list[int], *, total: int, total_what: str) -> None:
-    """Raise if ``bounds_statistics`` (read to the host) show bounds that are not monotone from 0
-    to ``total``."""
-    first, last, decreasing_at = values
-    if first != 0:
-        raise ValueError(f"{name} must start at 0, got {name}[0] = {first}")
-    if decreasing_at >= 0:
-        raise ValueError(f"{name} must be non-decreasing (segment lengths >= 0), but "
-                         f"{name}[{decreasing_at + 1}] < {name}[{decreasing_at}]")
-    if last != total:
-        raise ValueError(f"{name} must end at {total_what} = {total}, got {name}[-1] = {last}")
-
-
 def _check_ragged_values(indices: torch.Tensor, cu_seqlens: torch.Tensor, seq_len: int,
                          h_kv: int, out_cu_seqlens: torch.Tensor | None, out_rows: int) -> None:
     """Every value check of a ragged gather, read to the host in one device sync."""
@@ -95,13 +69,9 @@ def _check_ragged_values(indices: torch.Tensor, cu_seqlens: torch.Tensor, seq_le
     if out_cu_seqlens is not None:
         stats += bounds_statistics(out_cu_seqlens)
         capacity = out_cu_seqlens[1:] - out_cu_seqlens[:-1]
-        stats.append(_first_index(capacity < cu_seqlens[1:] - cu_seqlens[:-1]))
+        stats.append(first_true_index(capacity < cu_seqlens[1:] - cu_seqlens[:-1]))
     if total:
-        # Entry j > 0 must exceed entry j - 1 unless it opens a segment.
-        opens_segment = torch.zeros(total, dtype=torch.bool, device=indices.device)
-        opens_segment[cu_seqlens[:-1].long().clamp(0, total - 1)] = True
-        not_increasing = (indices[1:] <= indices[:-1]) & ~opens_segment[1:]
-        stats += [indices.min().long(), indices.max().long(), _first_index(not_increasing)]
+        stats += segment_values_statistics(indices, cu_seqlens)
     values = torch.stack(stats).tolist()
     raise_for_bounds("cu_seqlens", values[:3], total=total, total_what="N = indices.numel()")
     if out_cu_seqlens is not None:
@@ -238,13 +208,10 @@ def gather_kv_ragged(
             raise ValueError("out_cu_seqlens needs out: the buffers the segments are written into")
         check_cu_seqlens("out_cu_seqlens", out_cu_seqlens, num_segments=b * h_kv,
                          segments_what="B * H_kv")
-        if not isinstance(out, (tuple, list)) or len(out) != 2 or not all(
-                isinstance(t, torch.Tensor) and t.dim() == 2 for t in out):
-            raise TypeError("out must be a pair (k_out, v_out) of 2-D [M, D] tensors")
+        out = check_out_pair(out, (None, d), k.dtype, device, "[M, D]")
         out_rows = out[0].shape[0]
-    if out is not None:
-        out = check_out_pair(out, (out_rows, d), k.dtype, device,
-                             "[M, D]" if out_cu_seqlens is not None else "[N, D]")
+    elif out is not None:
+        out = check_out_pair(out, (total, d), k.dtype, device, "[N, D]")
     if check_indices:
         _check_ragged_values(indices, cu_seqlens, seq_len, h_kv, out_cu_seqlens, out_rows)
     _, run = dispatch("gather_kv_ragged", impl, device)

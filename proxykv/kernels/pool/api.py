@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from proxykv._backend import OpSpec, dispatch, register_op
-from proxykv._validation import check_choice, check_int, check_tensor
+from proxykv._validation import check_choice, check_has_positions, check_int, check_tensor
 from proxykv.kernels.pool.reference import pool_scores_reference
 from proxykv.kernels.pool.torch_impl import pool_scores_torch
 
@@ -41,9 +41,7 @@ def pool_scores(
     check_tensor("scores", scores, min_ndim=1, layout="[..., T]", dtypes=(torch.float32,))
     check_int("kernel_size", kernel_size, minimum=1, odd=True)
     check_choice("mode", mode, POOL_MODES)
-    if scores.shape[-1] == 0:
-        raise ValueError(f"scores must have at least one position (T >= 1), got shape "
-                         f"{tuple(scores.shape)}")
+    check_has_positions("scores", scores)
     _, run = dispatch("pool_scores", impl, scores.device)
     return run(scores, kernel_size, mode)
 
