@@ -15,6 +15,12 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Score tensors are float32; float64 is accepted at the public entry points and read as float32
+# (``as_score_tensor``). Half precision is refused: ranking would lose ties and order.
+SCORE_DTYPES = (torch.float32, torch.float64)
+INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
 _DTYPE_NAMES = {
     torch.float16: "float16",
@@ -68,9 +74,15 @@ def check_tensor(
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """All given (non-None) tensors share one device; returns it."""
+    """All given (non-None) values are tensors on one device of a supported type (CPU or CUDA:
+    a ``meta`` tensor has no values to read); returns that device."""
     present = [(n, t) for n, t in tensors.items() if t is not None]
+    for name, tensor in present:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     first_name, first = present[0]
+    if first.device.type not in SUPPORTED_DEVICE_TYPES:
+        raise ValueError(f"{first_name} must be on a CPU or CUDA device, got {first.device}")
     for other_name, other in present[1:]:
         if other.device != first.device:
             raise ValueError(
@@ -172,6 +184,78 @@ def check_has_positions(name: str, tensor: torch.Tensor) -> None:
                          f"{tuple(tensor.shape)}")
 
 
+def as_score_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None,
+                    layout: str | None = None) -> torch.Tensor:
+    """The checks of a score tensor at a public entry point (docs/bad-input.md), without reading
+    its values: a float32 or float64 tensor (float64 is read as float32, one copy) of the given
+    rank, on a CPU or CUDA device, with no empty dimension. Returns the float32 scores.
+
+    ``layout`` (e.g. ``"[..., T]"``) names the dimensions in the messages.
+    """
+    scores = check_tensor(name, value, ndim=ndim, min_ndim=min_ndim, layout=layout,
+                          dtypes=SCORE_DTYPES)
+    check_same_device(**{name: scores})
+    check_has_positions(name, scores)
+    if layout and "..." not in layout:  # every dimension named: say which one is empty
+        check_nonempty(name, scores, layout)
+    if scores.numel() == 0:
+        raise ValueError(f"{name} must have every dimension >= 1 {layout or ''}, got shape "
+                         f"{tuple(scores.shape)}")
+    return scores.float() if scores.dtype == torch.float64 else scores
+
+
+def check_nonempty(name: str, tensor: torch.Tensor, layout: str) -> None:
+    """Every dimension of ``tensor`` is >= 1; ``layout`` (e.g. ``"[B, H_q, D]"``) names them."""
+    dims = [dim.strip() for dim in layout.strip("[]").split(",")]
+    for dim, size in zip(dims, tensor.shape):
+        if size < 1:
+            raise ValueError(f"{name} must have {dim} >= 1, got shape {tuple(tensor.shape)} "
+                             f"{layout}")
+
+
+def check_int32_size(name: str, symbol: str, size: int, unit: str) -> None:
+    """A count the kernels index with int32 (rows, positions) fits it: e.g. ``k_packed`` with
+    ``N`` rows."""
+    if size > INT32_MAX:
+        raise ValueError(f"{name} has {symbol} = {size} {unit}, past the int32 limit {INT32_MAX} "
+                         f"(the kernels index with int32)")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The logit scale of an attention op: None (``head_dim ** -0.5``) or a finite real > 0."""
+    if scale is None:
+        return head_dim ** -0.5
+    return check_float("scale", scale, minimum=0.0, exclusive_minimum=True,
+                       meaning="the factor applied to q·k, default D ** -0.5")
+
+
+def first_position(mask: torch.Tensor) -> tuple[int, ...] | None:
+    """The multi-index of the first True of ``mask`` in row-major order, or None (one sync)."""
+    flat = mask.reshape(-1)
+    if flat.numel() == 0:
+        return None
+    first = int(first_true_index(flat))
+    if first < 0:
+        return None
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(first), mask.shape))
+
+
+def check_no_nan(name: str, tensor: torch.Tensor, *, allow_pos_inf: bool = True,
+                 why: str = "") -> None:
+    """No NaN (and, unless ``allow_pos_inf``, no ``+inf``) in ``tensor``; the message names the
+    first bad position. One device sync."""
+    bad = torch.isnan(tensor)
+    if not allow_pos_inf:
+        bad |= torch.isposinf(tensor)
+    position = first_position(bad)
+    if position is not None:
+        value = tensor[position].item()
+        allowed = "finite values or -inf" if not allow_pos_inf else "no NaN"
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must hold {allowed}{reason}; found {value} at position "
+                         f"{list(position)} of shape {tuple(tensor.shape)}")
+
+
 def check_indices(
     name: str,
     indices: torch.Tensor,
@@ -206,13 +290,39 @@ def check_indices(
 # the ragged gather, ragged decode attention and ``Selection.validate``. The ``*_statistic(s)``
 # helpers return 0-D int64 tensors without syncing; callers stack them and read them in one go.
 
-def check_cu_seqlens(name: str, cu_seqlens, *, num_segments: int, segments_what: str) -> None:
-    """Shape and dtype of a segment-bounds tensor, int32 ``[num_segments + 1]`` (its values are
-    checked with ``bounds_statistics`` and ``raise_for_bounds``)."""
-    check_tensor(name, cu_seqlens, ndim=1, layout=f"[{segments_what} + 1]", dtypes=(torch.int32,))
+def check_segment_bounds(name: str, cu_seqlens, *, num_segments: int, segments_what: str) -> None:
+    """Shape and dtype of a segment-bounds tensor, int32/int64 ``[num_segments + 1]`` (its values
+    are checked with ``bounds_statistics`` and ``raise_for_bounds``)."""
+    check_tensor(name, cu_seqlens, ndim=1, layout=f"[{segments_what} + 1]", dtypes=INDEX_DTYPES)
     if cu_seqlens.numel() != num_segments + 1:
         raise ValueError(f"{name} must have {segments_what} + 1 = {num_segments + 1} entries, got "
                          f"{cu_seqlens.numel()}")
+
+
+def to_int32_metadata(*, values_checked: bool,
+                      **tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The int32 tensors the kernels read for int32/int64 index-like arguments (indices, segment
+    bounds, lengths), in the order given; None stays None. int64 is converted: a copy of that
+    tensor only.
+
+    int64 values outside int32 raise ``ValueError``, naming the argument; they are never wrapped.
+    With ``values_checked`` the caller's value checks, already done, bound every value by a count
+    that ``check_int32_size`` accepted, so nothing more is read. Without (the caller turned its
+    value checks off to avoid a device sync), int64 values are range-checked here anyway, all in
+    one device sync; int32 metadata costs none.
+    """
+    wide = [(name, tensor) for name, tensor in tensors.items()
+            if tensor is not None and tensor.dtype == torch.int64 and tensor.numel()]
+    if wide and not values_checked:
+        extremes = torch.stack([e for _, tensor in wide for e in (tensor.min(), tensor.max())])
+        values = extremes.tolist()
+        for (name, _), low, high in zip(wide, values[::2], values[1::2]):
+            if low < INT32_MIN or high > INT32_MAX:
+                raise ValueError(f"{name} holds values in [{low}, {high}], past the int32 range "
+                                 f"the kernels read; int64 values are range-checked even with the "
+                                 f"value checks off, never wrapped")
+    return [tensor if tensor is None or tensor.dtype == torch.int32 else tensor.to(torch.int32)
+            for tensor in tensors.values()]
 
 
 def first_true_index(mask: torch.Tensor) -> torch.Tensor:

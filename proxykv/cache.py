@@ -22,6 +22,11 @@ repacks is therefore logarithmic in the number of steps, and once the spare is `
 cache each repack buys ``growth × size`` appended rows for a copy of ``size`` rows: amortised
 ``1 / growth`` row copies per appended row. Pass ``reserve_steps = max_new_tokens`` to never
 repack.
+
+Limits. The kernels index rows with int32, so a layer holds at most ``2**31 - 1`` rows (and
+position ids stay below ``2**31``). ``reserve_steps`` and ``growth`` are checked against that
+when the cache is built; later, a repack's spare is limited to what keeps the layer within it, and
+an ``append`` that cannot fit raises ``ValueError`` before writing anything.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from proxykv._validation import check_int, check_tensor
+from proxykv._validation import INT32_MAX, check_float, check_int, check_tensor
 from proxykv.kernels.decode.api import ragged_decode_attention
+from proxykv._validation import check_nonempty
 from proxykv.kernels.gather.api import gather_kv_ragged
 from proxykv.selection import Selection
 
@@ -98,6 +104,15 @@ def _room_bounds(lengths: list[int], spare: int,
     return torch.tensor(bounds, dtype=torch.int32, device=device), bounds[-1]
 
 
+def _grown_spare(lengths: list[int], steps: int, reserved: int, growth: float) -> int:
+    """Spare rows per segment for a repack that must make room for ``steps`` more: the growth
+    policy of the module docstring, limited so the layer stays within int32 rows (the caller has
+    checked that ``steps`` fit)."""
+    segments, kept = len(lengths), sum(lengths)
+    wanted = max(steps, 2 * reserved, math.ceil(growth * kept / segments))
+    return min(wanted, (INT32_MAX - kept) // segments)
+
+
 def _packed_to_room_rows(lengths: list[int], room_bounds: torch.Tensor) -> torch.Tensor:
     """int64 ``[sum(lengths)]``: the row in the room layout of each packed (valid) entry."""
     device = room_bounds.device
@@ -160,22 +175,33 @@ class RaggedKVCache:
             selection: uniform or ragged ``Selection`` of shape ``(B, L, H_kv, T)`` matching the
                 cache. Its indices are moved to the cache's device if needed.
             reserve_steps: spare rows per segment allocated up front (decode steps before the
-                first repack).
-            growth: on a repack the spare becomes at least ``growth`` × the mean segment length.
+                first repack): an int >= 0 small enough that every layer's rows (kept rows plus
+                ``B * H_kv * reserve_steps``) fit int32.
+            growth: on a repack the spare becomes at least ``growth`` × the mean segment length:
+                a finite float > 0, small enough that the first repack would fit int32 rows.
             check_indices: validate the selection's values (one device sync per layer); see
                 ``gather_kv_ragged``.
             impl: backend of the gather (see ``proxykv.backend_info``).
+
+        Raises:
+            TypeError: ``selection`` not a ``Selection``, a pair that is not a pair, a non-tensor,
+                ``reserve_steps`` not an int or ``growth`` not a real number.
+            ValueError: shapes that do not match the selection or each other, an empty head dim,
+                a mix of dtypes or devices, ``reserve_steps`` or ``growth`` out of range (including
+                past the int32 row limit), bad selection values (when checked).
         """
         if not isinstance(selection, Selection):
             raise TypeError(f"selection must be a proxykv.Selection, got "
                             f"{type(selection).__name__}")
         b, _, h_kv, seq_len = selection.shape
         check_int("reserve_steps", reserve_steps, minimum=0)
-        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth > 0:
-            raise ValueError(f"growth must be a positive number, got {growth!r}")
+        growth = check_float("growth", growth, minimum=0.0, exclusive_minimum=True,
+                             meaning="the spare a repack adds per segment, as a fraction of the "
+                                     "mean segment length")
         pairs = cls._check_past_key_values(past_key_values, selection)
         device = pairs[0][0].device
         counts = selection.counts().cpu()  # [B, L, H_kv]: the one host read of the lengths
+        cls._check_sizes(counts.sum((0, 2)).tolist(), b * h_kv, reserve_steps, growth)
         layers = []
         for layer_index, (k, v) in enumerate(pairs):
             lengths = counts[:, layer_index].reshape(-1).tolist()
@@ -193,7 +219,29 @@ class RaggedKVCache:
                 keys, values, positions, room,
                 torch.tensor(lengths, dtype=torch.int32, device=device), lengths,
                 spare=reserve_steps, next_position=seq_len))
-        return cls(layers, b, h_kv, float(growth))
+        return cls(layers, b, h_kv, growth)
+
+    @staticmethod
+    def _check_sizes(kept_per_layer: list[int], segments: int, reserve_steps: int,
+                     growth: float) -> None:
+        """The storage ``reserve_steps`` and ``growth`` ask for fits int32 rows in every layer."""
+        layer = max(range(len(kept_per_layer)), key=kept_per_layer.__getitem__)
+        kept = kept_per_layer[layer]
+        if kept > INT32_MAX:
+            raise ValueError(f"selection keeps {kept} rows in layer {layer}, past the int32 limit "
+                             f"{INT32_MAX} on a layer's rows")
+        most_spare = (INT32_MAX - kept) // segments
+        if reserve_steps > most_spare:
+            raise ValueError(f"reserve_steps must be <= {most_spare} so that every layer's rows "
+                             f"fit int32 (<= {INT32_MAX}; layer {layer} holds {kept} kept rows in "
+                             f"{segments} segments), got {reserve_steps}")
+        # Every repack hands out at least this spare; one past the limit is a mistaken growth, not
+        # a request for 2**31 rows.
+        if growth * kept / segments > most_spare:
+            raise ValueError(f"growth = {growth!r} is too large: layer {layer}'s first repack "
+                             f"would give each of its {segments} segments ceil(growth × mean "
+                             f"segment length {kept / segments:g}) spare rows on top of {kept} "
+                             f"kept rows, past the int32 row limit {INT32_MAX}")
 
     @staticmethod
     def _check_past_key_values(past_key_values, selection: Selection):
@@ -215,6 +263,7 @@ class RaggedKVCache:
                     raise ValueError(f"{label} must have shape [B, H_kv, T, D] = [{b}, {h_kv}, "
                                      f"{seq_len}, D] (from the selection), got "
                                      f"{tuple(tensor.shape)}")
+                check_nonempty(label, tensor, "[B, H_kv, T, D]")
                 first = tensor if first is None else first  # layer 0's keys, checked above
                 if tensor.dtype != first.dtype or tensor.device != first.device:
                     raise ValueError(f"{label} is {tensor.dtype} on {tensor.device}; every layer "
@@ -274,10 +323,14 @@ class RaggedKVCache:
     def append(self, layer_index: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Add new tokens' keys/values to every head of one layer.
 
-        ``k_new``, ``v_new``: ``[B, H_kv, D]`` (one token) or ``[B, H_kv, t, D]`` (``t`` tokens),
-        dtype and device of the cache, any strides. Their positions are recorded as
-        ``next_position(layer_index)`` onwards. Grows the layer (a repack) only when the spare
-        room is used up.
+        ``k_new``, ``v_new``: ``[B, H_kv, D]`` (one token) or ``[B, H_kv, t, D]`` (``t >= 1``
+        tokens), the cache's B, H_kv, D, dtype and device, any strides. Their positions are
+        recorded as ``next_position(layer_index)`` onwards. Grows the layer (a repack) only when
+        the spare room is used up.
+
+        Raises ``TypeError`` for a non-tensor or another dtype, ``ValueError`` for another shape,
+        device, ``t = 0``, or an append that would take the layer's rows or position ids past
+        int32 (nothing is written then).
         """
         state = self._layer(layer_index)
         k_new = self._check_new("k_new", k_new)
@@ -286,9 +339,16 @@ class RaggedKVCache:
             raise ValueError(f"v_new must have the shape of k_new {tuple(k_new.shape)}, got "
                              f"{tuple(v_new.shape)}")
         steps = k_new.shape[2]
-        if steps == 0:
-            return
+        last_position = state.next_position + steps - 1
+        if last_position > INT32_MAX:
+            raise ValueError(f"k_new: appending {steps} tokens would give position ids up to "
+                             f"{last_position}, past the int32 limit {INT32_MAX} (positions are "
+                             f"stored as int32)")
         if state.spare < steps:
+            needed = sum(state.lengths) + steps * len(state.packed_lengths)
+            if needed > INT32_MAX:
+                raise ValueError(f"k_new: appending {steps} tokens would make layer {layer_index} "
+                                 f"hold {needed} rows, past the int32 limit {INT32_MAX}")
             self._repack(state, steps)
         num_segments = self.batch_size * self.num_kv_heads
         offsets = torch.arange(steps, device=self.device)
@@ -305,17 +365,35 @@ class RaggedKVCache:
                impl: str | None = None) -> torch.Tensor:
         """``ragged_decode_attention`` of ``q [B, H_q, D]`` over one layer: ``[B, H_q, D]``.
 
-        The metadata is the cache's own, so it is not re-validated (no device sync)."""
+        ``q`` must have the cache's B and D, and ``H_q`` a positive multiple of its H_kv
+        (``ValueError`` naming ``q`` otherwise), and its dtype and device (checked by the op);
+        ``scale`` is None (``D ** -0.5``) or a finite real > 0. The metadata is the cache's own,
+        so it is not re-validated (no device sync)."""
         view = self.layer(layer_index)
+        self._check_query(q)
         return ragged_decode_attention(q, view.keys, view.values, view.cu_seqlens,
                                        seq_lens=view.seq_lens, scale=scale,
-                                       max_seq_len=view.max_seq_len, check_segments=False,
+                                       max_seq_len=view.max_seq_len,
+                                       num_kv_heads=self.num_kv_heads, check_segments=False,
                                        impl=impl)
 
     # --------------------------------------------------------------------------- internals
     def _layer(self, layer_index: int) -> _LayerStorage:
         check_int("layer_index", layer_index, minimum=0, maximum=self.num_layers - 1)
         return self._layers[layer_index]
+
+    def _check_query(self, q) -> None:
+        # The op infers H_kv from the segment count, which a q of another batch size can fool.
+        check_tensor("q", q, ndim=3, layout="[B, H_q, D]")
+        b, h_q, d = q.shape
+        if b != self.batch_size:
+            raise ValueError(f"q has batch size {b}, but the cache holds B = {self.batch_size}")
+        if h_q < 1 or h_q % self.num_kv_heads:
+            raise ValueError(f"q has H_q = {h_q} query heads, but the cache's H_kv = "
+                             f"{self.num_kv_heads} KV heads need a positive multiple of "
+                             f"{self.num_kv_heads}")
+        if d != self.head_dim:
+            raise ValueError(f"q has head dim {d}, but the cache holds D = {self.head_dim}")
 
     def _check_new(self, name: str, tensor) -> torch.Tensor:
         check_tensor(name, tensor, layout="[B, H_kv, D] or [B, H_kv, t, D]",
@@ -328,6 +406,9 @@ class RaggedKVCache:
             raise ValueError(f"{name} must be [B, H_kv, D] or [B, H_kv, t, D] with B = "
                              f"{self.batch_size}, H_kv = {self.num_kv_heads}, D = "
                              f"{self.head_dim}, got shape {tuple(tensor.shape)}")
+        if tensor.shape[2] < 1:
+            raise ValueError(f"{name} must have t >= 1 (new tokens), got shape "
+                             f"{tuple(tensor.shape)} [B, H_kv, t, D]")
         if tensor.device != self.device:
             raise ValueError(f"{name} must be on {self.device} (the cache's device), got "
                              f"{tensor.device}")
@@ -335,8 +416,7 @@ class RaggedKVCache:
 
     def _repack(self, state: _LayerStorage, steps: int) -> None:
         lengths = state.lengths
-        mean_length = sum(lengths) / max(1, len(lengths))
-        spare = max(steps, 2 * state.reserved, math.ceil(self.growth * mean_length))
+        spare = _grown_spare(lengths, steps, state.reserved, self.growth)
         room, rows = _room_bounds(lengths, spare, self.device)
         src = _packed_to_room_rows(lengths, state.cu_seqlens.long())
         dst = _packed_to_room_rows(lengths, room.long())

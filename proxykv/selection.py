@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from proxykv._validation import (
+    INDEX_DTYPES,
+    INT32_MAX,
     bounds_statistics,
+    check_float,
+    check_int,
+    check_same_device,
+    check_tensor,
     raise_for_bounds,
     segment_values_statistics,
 )
@@ -44,6 +50,9 @@ class LayerSelection:
 class Selection:
     """Kept KV positions per (layer, batch, KV head); see the module docstring for the layout.
 
+    Build one with ``uniform``, ``ragged`` or ``from_mask``, which check their input. The dataclass
+    constructor stores its fields as given, unchecked (``validate`` checks them).
+
     Attributes:
         indices: int32, ``[B, L, H_kv, k]`` (uniform) or ``[N]`` (ragged).
         cu_seqlens: int32 ``[L * B * H_kv + 1]`` for ragged selections, else None.
@@ -64,40 +73,79 @@ class Selection:
     # ----------------------------------------------------------------- constructors
     @classmethod
     def uniform(cls, indices: torch.Tensor, seq_len: int, budget: float | None = None) -> Selection:
-        """From ``indices [B, L, H_kv, k]`` (any int dtype; sorted here along the last axis)."""
-        if indices.dim() != 4:
-            raise ValueError(f"indices must be a 4-D tensor [B, L, H_kv, k], got shape "
-                             f"{tuple(indices.shape)}")
+        """From ``indices [B, L, H_kv, k]``, int32 or int64, sorted here along the last axis;
+        ``B, L, H_kv >= 1`` (``k = 0``, nothing kept, is allowed). ``budget`` is recorded as given
+        (default ``k``).
+
+        Raises ``TypeError`` / ``ValueError`` (one device sync to check the values) unless every
+        index lies in ``[0, seq_len)`` and no head repeats a position.
+        """
+        check_tensor("indices", indices, ndim=4, layout="[B, L, H_kv, k]", dtypes=INDEX_DTYPES)
+        check_same_device(indices=indices)
         b, l, h, k = indices.shape
-        ordered = indices.sort(dim=-1).values.to(torch.int32)
-        return cls(ordered, None, b, l, h, seq_len, float(k if budget is None else budget))
+        if min(b, l, h) < 1:
+            raise ValueError(f"indices must have B, L, H_kv >= 1, got shape {tuple(indices.shape)}")
+        seq_len = check_int("seq_len", seq_len, minimum=1, maximum=INT32_MAX)
+        ordered = indices.sort(dim=-1).values
+        _check_positions(ordered, None, seq_len, names=("indices", None))
+        recorded = float(k) if budget is None else _check_budget(budget)
+        return cls(ordered.to(torch.int32), None, b, l, h, seq_len, recorded)
+
+    @classmethod
+    def ragged(cls, indices: torch.Tensor, cu_seqlens: torch.Tensor, *,
+               shape: tuple[int, int, int, int], budget: float | None = None) -> Selection:
+        """From packed ``indices [N]`` and ``cu_seqlens [L * B * H_kv + 1]`` (int32 or int64, laid
+        out as the module docstring says) of scores of ``shape = (B, L, H_kv, T)``. ``budget``
+        is recorded as given (default: the mean count kept, ``N / (B * L * H_kv)``).
+
+        Raises ``TypeError`` / ``ValueError`` (one device sync to check the values) unless
+        ``cu_seqlens`` rises from 0 to ``N`` and every segment's indices lie in ``[0, T)`` and
+        increase strictly.
+        """
+        check_tensor("indices", indices, ndim=1, layout="[N]", dtypes=INDEX_DTYPES)
+        check_tensor("cu_seqlens", cu_seqlens, dtypes=INDEX_DTYPES)
+        check_same_device(indices=indices, cu_seqlens=cu_seqlens)
+        if not isinstance(shape, (tuple, list)) or len(shape) != 4:
+            raise TypeError(f"shape must be a tuple (B, L, H_kv, T), got {shape!r}")
+        b, l, h, t = (check_int(f"shape[{i}]", size, minimum=1, maximum=INT32_MAX)
+                      for i, size in enumerate(shape))
+        segments = l * b * h
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() != segments + 1:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor [L * B * H_kv + 1] of "
+                             f"{segments + 1} entries, got shape {tuple(cu_seqlens.shape)}")
+        if indices.numel() > INT32_MAX:
+            raise ValueError(f"indices must hold at most {INT32_MAX} positions, got "
+                             f"{indices.numel()}")
+        _check_positions(indices, cu_seqlens, t, names=("indices", "cu_seqlens"))
+        recorded = indices.numel() / segments if budget is None else _check_budget(budget)
+        return cls(indices.to(torch.int32), cu_seqlens.to(torch.int32), b, l, h, t, recorded)
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, budget: float | None = None, *,
                   allow_uniform: bool = True) -> Selection:
-        """From a bool keep-mask ``[B, L, H_kv, T]``.
+        """From a bool keep-mask ``[B, L, H_kv, T]``, every dimension >= 1.
 
         Uniform when ``allow_uniform`` and every head keeps the same count, ragged otherwise.
         ``budget`` is recorded as given (None: the mean count kept). Linear in the mask size:
         ``nonzero`` walks the mask in order, so each head's positions come out ascending.
         """
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool 4-D tensor [B, L, H_kv, T], got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} of shape "
-                             f"{tuple(getattr(mask, 'shape', ()))}")
+        check_tensor("mask", mask, ndim=4, layout="[B, L, H_kv, T]", dtypes=(torch.bool,))
+        check_same_device(mask=mask)
+        if min(mask.shape) < 1:
+            raise ValueError(f"mask must have B, L, H_kv, T >= 1, got shape {tuple(mask.shape)}")
         b, l, h, t = mask.shape
         counts = mask.sum(-1)  # [B, L, H]
         if budget is not None:
-            recorded = float(budget)
+            recorded = _check_budget(budget)
         else:  # reading the mean syncs a GPU, so only when the caller gave no budget
-            recorded = float(counts.double().mean()) if counts.numel() else 0.0
-        if allow_uniform and counts.numel():
+            recorded = float(counts.double().mean())
+        if allow_uniform:
             low, high = torch.stack([counts.min(), counts.max()]).tolist()
             if low == high:
-                positions = (mask.reshape(-1).nonzero().squeeze(1) % max(t, 1)).to(torch.int32)
+                positions = (mask.reshape(-1).nonzero().squeeze(1) % t).to(torch.int32)
                 return cls(positions.view(b, l, h, high), None, b, l, h, t, recorded)
         layer_major = mask.permute(1, 0, 2, 3).reshape(-1)  # segments ordered (l, b, h)
-        positions = (layer_major.nonzero().squeeze(1) % max(t, 1)).to(torch.int32)
+        positions = (layer_major.nonzero().squeeze(1) % t).to(torch.int32)
         cu_seqlens = torch.zeros(l * b * h + 1, dtype=torch.int32, device=mask.device)
         cu_seqlens[1:] = counts.permute(1, 0, 2).reshape(-1).cumsum(0)
         return cls(positions, cu_seqlens, b, l, h, t, recorded)
@@ -161,41 +209,58 @@ class Selection:
         b, l, h, t = self.shape
         if self.indices.dtype != torch.int32:
             raise ValueError(f"Selection.indices must be int32, got {self.indices.dtype}")
-        stats = []
         if not self.is_ragged:
             if self.indices.dim() != 4 or tuple(self.indices.shape[:3]) != (b, l, h):
                 raise ValueError(f"uniform Selection.indices must have shape [{b}, {l}, {h}, k], "
                                  f"got {tuple(self.indices.shape)}")
-            if self.indices.numel() == 0:
-                return
-            rows = self.indices.reshape(b * l * h, self.indices.shape[-1])
-            unsorted = (rows[:, 1:] <= rows[:, :-1]).any().long()
-            stats += [self.indices.min().long(), self.indices.max().long(), unsorted - 1]
         else:
-            cu, total = self.cu_seqlens, self.indices.numel()
+            cu = self.cu_seqlens
             if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() != l * b * h + 1:
                 raise ValueError(f"Selection.cu_seqlens must be int32 [{l * b * h + 1}], got "
                                  f"{cu.dtype} {tuple(cu.shape)}")
             if self.indices.dim() != 1:
                 raise ValueError(f"ragged Selection.indices must be 1-D [N], got shape "
                                  f"{tuple(self.indices.shape)}")
-            stats += bounds_statistics(cu)
-            if total:
-                stats += segment_values_statistics(self.indices, cu)
-        values = torch.stack(stats).tolist()  # the one device sync
-        if self.is_ragged:
-            try:
-                raise_for_bounds("Selection.cu_seqlens", values[:3], total=self.indices.numel(),
-                                 total_what="N")
-            except ValueError as error:
-                raise ValueError("Selection.cu_seqlens must rise monotonically from 0 to "
-                                 f"N={self.indices.numel()}: {error}") from None
-            values = values[3:]
-        if not values:
-            return
-        low, high, unsorted_at = values
-        if low < 0 or high >= t:
-            raise ValueError(f"Selection.indices must lie in [0, {t}), got values in "
-                             f"[{low}, {high}]")
-        if unsorted_at >= 0:
-            raise ValueError("Selection.indices must be strictly increasing within each head")
+        _check_positions(self.indices, self.cu_seqlens, t,
+                         names=("Selection.indices", "Selection.cu_seqlens"))
+
+
+def _check_budget(budget) -> float:
+    return check_float("budget", budget, minimum=0.0, meaning="positions kept per head")
+
+
+def _check_positions(indices: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_len: int, *,
+                     names: tuple[str, str | None]) -> None:
+    """Raise ``ValueError`` unless every index lies in ``[0, seq_len)`` and the indices increase
+    strictly within each head: along the last dimension (uniform, ``cu_seqlens`` None) or within
+    each segment of ``cu_seqlens``, which must rise from 0 to N (ragged). One device sync."""
+    indices_name, cu_name = names
+    statistics = []
+    if cu_seqlens is not None:
+        statistics += bounds_statistics(cu_seqlens)
+        if indices.numel():
+            statistics += segment_values_statistics(indices, cu_seqlens)
+    elif indices.numel():
+        rows = indices.reshape(-1, indices.shape[-1])
+        unsorted = (rows[:, 1:] <= rows[:, :-1]).any().long()
+        statistics += [indices.min().long(), indices.max().long(), unsorted - 1]
+    if not statistics:
+        return
+    values = torch.stack(statistics).tolist()  # the one device sync
+    if cu_seqlens is not None:
+        total = indices.numel()
+        try:
+            raise_for_bounds(cu_name, values[:3], total=total, total_what="N")
+        except ValueError as error:
+            raise ValueError(f"{cu_name} must rise monotonically from 0 to N={total}: "
+                             f"{error}") from None
+        values = values[3:]
+    if not values:
+        return
+    low, high, unsorted_at = values
+    if low < 0 or high >= seq_len:
+        raise ValueError(f"{indices_name} must lie in [0, {seq_len}), got values in "
+                         f"[{low}, {high}]")
+    if unsorted_at >= 0:
+        raise ValueError(f"{indices_name} must be strictly increasing within each head "
+                         "(ascending, no repeats)")

@@ -33,6 +33,7 @@ from proxykv.testing import assert_close
 from proxykv.testing import strategies as pst
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
 IMPLS = ["torch", "triton", None]
 
 # (impl, tiles): "small" shrinks the Triton tiles (16 positions, partials folded 4 at a time) so
@@ -113,6 +114,43 @@ def _pool_kernel_sizes():
     return st.one_of(st.sampled_from([1, 3, 5, 7]), st.integers(0, 9).map(lambda h: 2 * h + 1))
 
 
+def _add_pos_inf(draw, scores: torch.Tensor) -> torch.Tensor:
+    """A copy of contiguous ``scores`` with ``+inf`` in some rows: one entry, a few, or all."""
+    scores = scores.clone()
+    rows = scores.view(-1, scores.shape[-1])
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    for row in rows:
+        kind = draw(st.sampled_from(["none", "one", "some", "all"]))
+        if kind == "one":
+            row[int(torch.randint(row.numel(), (1,), generator=generator))] = POS_INF
+        elif kind == "some":
+            row[torch.rand(row.numel(), generator=generator) < 0.3] = POS_INF
+        elif kind == "all":
+            row[:] = POS_INF
+    return scores
+
+
+@st.composite
+def score_rows_with_pos_inf(draw, max_length: int = 200):
+    """Like ``score_rows``, with ``+inf`` entries in some rows (next to ``-inf`` ones, zeros...)."""
+    rank = draw(st.integers(1, 3))
+    leading = draw(st.lists(st.integers(1, 3), min_size=rank - 1, max_size=rank - 1))
+    length = draw(pst.lengths(1, max_length))
+    scores = draw(pst.score_tensors((*leading, length)))
+    return draw(pst.strided_views(_add_pos_inf(draw, scores)))
+
+
+@st.composite
+def grouped_scores_with_pos_inf(draw, max_length: int = 200):
+    """Like ``grouped_scores``, with ``+inf`` entries in some heads' rows."""
+    h_q, h_kv = draw(pst.gqa_heads(ratios=(1, 2, 3), max_kv_heads=2))
+    leading = draw(st.lists(st.integers(1, 2), min_size=0, max_size=1))
+    length = draw(pst.lengths(1, max_length))
+    group_size = h_q // h_kv
+    scores = _invalidate(draw, draw(pst.score_tensors((*leading, h_q, length))), group_size)
+    return draw(pst.strided_views(_add_pos_inf(draw, scores))), group_size
+
+
 # --- reduce_heads -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("impl, tile_size", BACKENDS)
@@ -158,6 +196,40 @@ def test_normalize_scores_matches_reference(impl, tile_size, data, mode, device)
         actual = normalize_scores(scores.to(device), mode=mode, impl=impl)
     assert actual.dtype == torch.float32 and actual.is_contiguous()
     assert_close(actual, expected, name=f"normalize_scores[{mode}]")
+
+
+@pytest.mark.parametrize("impl, tile_size", BACKENDS)
+@given(data=st.data(), mode=st.sampled_from(["sum", "max"]))
+def test_normalize_scores_with_pos_inf_matches_reference(impl, tile_size, data, mode, device):
+    scores = data.draw(score_rows_with_pos_inf(MAX_LENGTH[tile_size]), label="scores")
+    expected = normalize_scores_reference(scores, mode)
+    with tiles(tile_size):
+        actual = normalize_scores(scores.to(device), mode=mode, impl=impl)
+    assert not bool(actual.isnan().any()), "NaN from +inf input"
+    assert_close(actual, expected, name=f"normalize_scores[{mode}] with +inf")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+def test_a_row_holding_pos_inf_normalises_to_its_limit(impl, device):
+    scores = torch.tensor([[1.0, POS_INF, -2.0, NEG_INF, POS_INF],
+                           [NEG_INF, NEG_INF, POS_INF, NEG_INF, NEG_INF],
+                           [POS_INF] * 5,
+                           [3.0, 1.0, 0.0, NEG_INF, 0.0]], device=device)
+
+    def normalize(mode):
+        if impl == "reference":
+            return normalize_scores_reference(scores.cpu(), mode)
+        return normalize_scores(scores, mode=mode, impl=impl).cpu()
+
+    by_sum, by_max = normalize("sum"), normalize("max")
+    assert_close(by_sum, torch.tensor([[0.0, 0.5, 0.0, NEG_INF, 0.5],
+                                       [NEG_INF, NEG_INF, 1.0, NEG_INF, NEG_INF],
+                                       [0.2] * 5,
+                                       [0.75, 0.25, 0.0, NEG_INF, 0.0]]), name="sum")
+    assert_close(by_max, torch.tensor([[0.0, 1.0, 0.0, NEG_INF, 1.0],
+                                       [NEG_INF, NEG_INF, 1.0, NEG_INF, NEG_INF],
+                                       [1.0] * 5,
+                                       [1.0, 1.0 / 3.0, 0.0, NEG_INF, 0.0]]), name="max")
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -229,6 +301,40 @@ def test_fused_aggregation_equals_the_chain_of_ops(impl, tile_size, data, group_
     expected = aggregate_scores_reference(scores.cpu(), group_size, group_mode, pool_kernel_size,
                                           pool_mode, normalize)
     assert_close(fused, expected, name=f"{name} vs reference")
+
+
+@pytest.mark.parametrize("impl, tile_size", BACKENDS)
+@given(data=st.data(), group_mode=st.sampled_from(["mean", "max"]),
+       pool_kernel_size=_pool_kernel_sizes(), pool_mode=st.sampled_from(["max", "avg"]),
+       normalize=st.sampled_from(["sum", "max", "none"]))
+def test_fused_aggregation_with_pos_inf_matches_reference(impl, tile_size, data, group_mode,
+                                                          pool_kernel_size, pool_mode, normalize,
+                                                          device):
+    scores, group_size = data.draw(grouped_scores_with_pos_inf(MAX_LENGTH[tile_size]),
+                                   label="case")
+    expected = aggregate_scores_reference(scores, group_size, group_mode, pool_kernel_size,
+                                          pool_mode, normalize)
+    with tiles(tile_size):
+        actual = aggregate_scores(scores.to(device), group_size=group_size, group_mode=group_mode,
+                                  pool_kernel_size=pool_kernel_size, pool_mode=pool_mode,
+                                  normalize=normalize, impl=impl)
+    assert not bool(actual.isnan().any()), "NaN from +inf input"
+    assert_close(actual, expected, name=f"aggregate_scores[group={group_size}/{group_mode}, "
+                                        f"pool={pool_kernel_size}/{pool_mode}, "
+                                        f"normalize={normalize}] with +inf")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_pos_inf_survives_group_mean_and_pooling(impl, device):
+    # One group of two heads; at position 0 one head sees +inf and the other cannot see it.
+    scores = torch.tensor([[[POS_INF, 1.0, 2.0, NEG_INF],
+                            [NEG_INF, 3.0, NEG_INF, NEG_INF]]], device=device)
+    mean = reduce_heads(scores, 2, mode="mean", impl=impl).cpu()
+    assert mean[0, 0].tolist() == [POS_INF, 2.0, 2.0, NEG_INF]
+    # Pooled (avg, 3): [+inf, +inf, 2, -inf]; normalised by sum: the two +inf share the mass.
+    fused = aggregate_scores(scores, group_size=2, pool_kernel_size=3, pool_mode="avg",
+                             normalize="sum", impl=impl).cpu()
+    assert fused[0, 0].tolist() == [0.5, 0.5, 0.0, NEG_INF]
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -338,13 +444,19 @@ def test_inputs_are_not_modified(device):
     assert torch.equal(scores, before) and torch.equal(weights, weights_before)
 
 
-def test_empty_leading_dimension_gives_an_empty_result(device):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_an_empty_leading_dimension_is_refused(impl, device):
     scores = torch.zeros(0, 4, 9, device=device)
-    for impl in ("torch", "triton"):
-        assert reduce_heads(scores, 2, impl=impl).shape == (0, 2, 9)
-        assert normalize_scores(scores, impl=impl).shape == (0, 4, 9)
-        assert aggregate_scores(scores, group_size=4, pool_kernel_size=3, normalize="sum",
-                                impl=impl).shape == (0, 1, 9)
+    empty = r"scores must have every dimension >= 1 \[\.\.\., H_q, T\], got shape \(0, 4, 9\)"
+    with pytest.raises(ValueError, match=empty):
+        reduce_heads(scores, 2, impl=impl)
+    with pytest.raises(ValueError, match=empty):
+        aggregate_scores(scores, group_size=4, pool_kernel_size=3, normalize="sum", impl=impl)
+    with pytest.raises(ValueError, match=r"scores must have every dimension >= 1 \[\.\.\., T\]"):
+        normalize_scores(scores, impl=impl)
+    with pytest.raises(ValueError, match=r"scores must have H >= 1, got shape \(1, 2, 0, 9\)"):
+        combine_layers(torch.zeros(1, 2, 0, 9, device=device), torch.ones(3, 2, device=device),
+                       impl=impl)
 
 
 def test_more_than_three_unmergeable_leading_dims_raise_on_triton(device):
@@ -362,7 +474,7 @@ def test_more_than_three_unmergeable_leading_dims_raise_on_triton(device):
         (lambda: reduce_heads(torch.zeros(8), 1), ValueError,
          r"scores must have at least 2 dimension\(s\) \[\.\.\., H_q, T\], got shape \(8,\)"),
         (lambda: reduce_heads(torch.zeros(2, 4, 8, dtype=torch.float16), 2), TypeError,
-         "scores must be float32, got torch.float16"),
+         "scores must be float32 or float64, got torch.float16"),
         (lambda: reduce_heads(torch.zeros(2, 6, 8), 4), ValueError,
          r"group_size=4 must divide the number of query heads H_q=6 \(scores.shape\[-2\]"),
         (lambda: reduce_heads(torch.zeros(2, 4, 8), 0), ValueError,
@@ -381,8 +493,8 @@ def test_more_than_three_unmergeable_leading_dims_raise_on_triton(device):
          r"scores must have at least 1 dimension\(s\) \[\.\.\., T\], got shape \(\)"),
         (lambda: normalize_scores(torch.zeros(3, 5), mode="l2"), ValueError,
          "mode must be one of 'sum', 'max' or 'none', got 'l2'"),
-        (lambda: normalize_scores(torch.zeros(3, 5, dtype=torch.float64)), TypeError,
-         "scores must be float32, got torch.float64"),
+        (lambda: normalize_scores(torch.zeros(3, 5, dtype=torch.bfloat16)), TypeError,
+         "scores must be float32 or float64, got torch.bfloat16"),
         (lambda: normalize_scores(torch.zeros(3, 0)), ValueError, r"at least one position"),
         (lambda: aggregate_scores(torch.zeros(2, 4, 8), group_size=3), ValueError,
          "group_size=3 must divide the number of query heads H_q=4"),
@@ -407,7 +519,7 @@ def test_more_than_three_unmergeable_leading_dims_raise_on_triton(device):
         (lambda: combine_layers(torch.zeros(1, 3, 2, 5), torch.ones(2, 3, dtype=torch.float64)),
          TypeError, "weights must be float32, got torch.float64"),
         (lambda: combine_layers(torch.zeros(1, 3, 2, 5, dtype=torch.bfloat16), torch.ones(2, 3)),
-         TypeError, "scores must be float32, got torch.bfloat16"),
+         TypeError, "scores must be float32 or float64, got torch.bfloat16"),
         (lambda: combine_layers(torch.zeros(1, 3, 2, 0), torch.ones(2, 3)), ValueError,
          r"scores must have at least one position \(T >= 1\)"),
         (lambda: combine_layers(torch.zeros(1, 3, 2, 5), torch.ones(2, 3, device="meta")),
@@ -415,7 +527,7 @@ def test_more_than_three_unmergeable_leading_dims_raise_on_triton(device):
     ],
     ids=["reduce-rank1", "reduce-fp16", "reduce-indivisible", "reduce-group0",
          "reduce-group-float", "reduce-empty-T", "reduce-mode", "reduce-impl", "norm-list",
-         "norm-rank0", "norm-mode", "norm-fp64", "norm-empty-T", "agg-indivisible",
+         "norm-rank0", "norm-mode", "norm-bf16", "norm-empty-T", "agg-indivisible",
          "agg-group-mode", "agg-even-window", "agg-window0", "agg-pool-mode", "agg-normalize",
          "comb-rank3", "comb-weights-rank1", "comb-L_in", "comb-L_out0", "comb-weights-fp64",
          "comb-bf16", "comb-empty-T", "comb-device"],

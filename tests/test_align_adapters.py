@@ -47,14 +47,16 @@ def test_unknown_aligner_lists_the_available_ones():
         get_aligner("nope", (2, 2), (2, 2))
 
 
-def test_unknown_parameter_names_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"aligner 'axial' has no parameter\(s\) kernel; its "
-                                         r"parameters: conv_kernel, conv_filters, pool_sizes, "
-                                         r"profiles, hidden"):
+def test_unknown_parameter_is_a_type_error_naming_the_accepted_ones():
+    with pytest.raises(TypeError, match=r"get_aligner\('axial'\) got unexpected parameter\(s\) "
+                                        r"'kernel'; accepted: conv_kernel, conv_filters, "
+                                        r"pool_sizes, profiles, hidden"):
         get_aligner("axial", (2, 2), (3, 2), kernel=5)
-    with pytest.raises(ValueError, match=r"'depth_interp' has no parameter\(s\) hidden; its "
-                                         r"parameters: none"):
-        get_aligner("depth_interp", (2, 2), (3, 2), hidden=4)
+    with pytest.raises(TypeError, match=r"get_aligner\('depth_interp'\) got unexpected "
+                                        r"parameter\(s\) 'a', 'hidden'; accepted: none"):
+        get_aligner("depth_interp", (2, 2), (3, 2), hidden=4, a=1)
+    with pytest.raises(ValueError, match=r"unknown aligner 'nope'; available: "):
+        get_aligner("nope", (2, 2), (3, 2), hidden=4)
 
 
 @pytest.mark.parametrize("shape, error, message", [
@@ -266,7 +268,8 @@ def test_wrong_input_shape_raises(name):
         aligner(torch.zeros(1, 2, 3, 10))
     with pytest.raises(ValueError, match=r"scores must be a 4-D tensor"):
         aligner(torch.zeros(3, 2, 10))
-    with pytest.raises(TypeError, match=r"scores must be float32, got torch.float16"):
+    with pytest.raises(TypeError, match=r"scores must be float32 or float64, got "
+                                        r"torch.float16"):
         aligner(torch.zeros(1, 3, 2, 10, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"scores must have at least one position \(T >= 1\)"):
         aligner(torch.zeros(1, 3, 2, 0))

@@ -198,8 +198,8 @@ def test_bad_loss_inputs_raise(term):
     with pytest.raises(ValueError, match=r"pred and target must have the same shape \[B, L, H, T\]"
                                          r", got \(1, 2, 2, 5\) and \(1, 2, 2, 6\)"):
         loss(torch.zeros(1, 2, 2, 5), torch.zeros(1, 2, 2, 6))
-    with pytest.raises(TypeError, match=r"target must be float32, got torch.float64"):
-        loss(torch.zeros(1, 2, 2, 5), torch.zeros(1, 2, 2, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"target must be float32 or float64, got torch.float16"):
+        loss(torch.zeros(1, 2, 2, 5), torch.zeros(1, 2, 2, 5, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"pred must be a 4-D tensor \[B, L, H, T\]"):
         loss(torch.zeros(2, 2, 5), torch.zeros(2, 2, 5))
 

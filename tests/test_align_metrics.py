@@ -149,7 +149,8 @@ def test_spearman_is_nan_where_undefined():
 def test_bad_metric_inputs_raise(call):
     with pytest.raises(ValueError, match=r"pred and teacher must have the same shape"):
         call(torch.zeros(1, 1, 2, 4), torch.zeros(1, 2, 1, 4))
-    with pytest.raises(TypeError, match=r"teacher must be float32"):
+    with pytest.raises(TypeError, match=r"teacher must be float32 or float64, got "
+                                        r"torch.float16"):
         call(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4, dtype=torch.float16))
 
 

@@ -165,7 +165,7 @@ def test_mismatched_invalid_positions_raise():
 
 @pytest.mark.parametrize("kwargs, error, message", [
     pytest.param({"target_shape": (5, 2)}, ValueError,
-                 r"target_scores must have shape \[B, Lt=5, Ht=2, T\] for the target model",
+                 r"target_scores must have shape \[N, Lt=5, Ht=2, T\] for the target model",
                  id="target-shape"),
     pytest.param({"method": "closed_form"}, ValueError,
                  r"method='closed_form' needs an aligner with a closed-form fit \(e.g. 'linear'\), "
@@ -213,10 +213,3 @@ def test_prepared_targets_reject_a_prediction_invalid_where_the_teacher_is_valid
     with pytest.raises(ValueError, match=r"target was prepared by a MultiGranularityLoss with "
                                          r"other settings"):
         MultiGranularityLoss(block_size=4)(target, prepared)
-
-
-def test_an_iterable_too_short_to_hold_a_batch_out_raises():
-    proxy, target = synthetic_pair(4, PROXY, TARGET, 20, seed=10)
-    with pytest.raises(ValueError, match=r"the held-out data yielded no batch \(from an iterable, "
-                                         r"every round\(1/val_fraction\)-th batch is held out\)"):
-        fit_aligner(get_aligner("axial", PROXY, TARGET), [(proxy, target)] * 3, progress=False)

@@ -218,7 +218,7 @@ def _bad(**overrides):
         (dict(reduce="min"), ValueError, "reduce must be one of 'mean', 'sum' or 'max', got 'min'"),
         (dict(group_reduce="sum"), ValueError,
          "group_reduce must be one of 'mean' or 'max', got 'sum'"),
-        (dict(scale=0.0), ValueError, "scale must be a positive float, got 0.0"),
+        (dict(scale=0.0), ValueError, r"scale must be a finite float > 0 .*got 0.0"),
         (dict(key_valid_len=torch.tensor([10, 11])), ValueError,
          r"key_valid_len must lie in \[0, T_k=10\], got values in \[10, 11\]"),
         (dict(key_valid_len=torch.tensor([10])), ValueError,

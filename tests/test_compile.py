@@ -18,14 +18,23 @@ SPEC_NAMES = [spec.name for spec in collect_specs()]
 
 
 @pytest.fixture(scope="module")
-def compile_report(tmp_path_factory):
+def compile_report(tmp_path_factory, pytestconfig):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A fresh cache, so every variant is really compiled rather than read back from ~/.triton.
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    result = subprocess.run([sys.executable, "-m", "proxykv.testing.compile_check"], env=env,
-                            capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    stderr_path = tmp_path_factory.mktemp("compile_log") / "stderr.txt"
+    terminal = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    with open(stderr_path, "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "proxykv.testing.compile_check"],
+                                   env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        rows = []
+        # Compiling every variant takes minutes: show the count as it goes, not a silent wait.
+        for line in process.stdout:
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                if terminal is not None and (len(rows) % 20 == 0):
+                    terminal.write(f"[compiled {len(rows)} variants]")
+        assert process.wait(timeout=1800) == 0, stderr_path.read_text()[-4000:]
     return {(row["name"], row["arch"]): row for row in rows}
 
 

@@ -306,8 +306,8 @@ def _ragged_args(**changes):
      r"cu_seqlens must end at N = indices.numel\(\) = 5, got cu_seqlens\[-1\] = 4"),
     (dict(cu_seqlens=torch.tensor([1, 3, 5], dtype=torch.int32)), ValueError,
      r"cu_seqlens must start at 0, got cu_seqlens\[0\] = 1"),
-    (dict(cu_seqlens=torch.tensor([0, 3, 5])), TypeError,
-     "cu_seqlens must be int32, got torch.int64"),
+    (dict(cu_seqlens=torch.tensor([0.0, 3.0, 5.0])), TypeError,
+     "cu_seqlens must be int32 or int64, got torch.float32"),
     (dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)), ValueError,
      r"cu_seqlens must have B \* H_kv \+ 1 = 3 entries, got 2"),
     (dict(indices=torch.tensor([[0, 3, 9, 1, 2]])), ValueError,
@@ -334,7 +334,7 @@ def _ragged_args(**changes):
           out_cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
      r"out\[0\] must be a 2-D tensor \[M, D\], got shape \(6,\)"),
 ], ids=["above-T", "unsorted", "repeated", "cu-decreasing", "cu-short", "cu-not-zero",
-        "cu-int64", "cu-length", "indices-rank", "cu-device", "kv-dtype", "out-shape",
+        "cu-float", "cu-length", "indices-rank", "cu-device", "kv-dtype", "out-shape",
         "out-cu-without-out", "out-cu-too-small", "out-cu-end", "out-cu-rows-differ",
         "out-cu-rank"])
 def test_gather_kv_ragged_bad_input_raises(changes, error, message):

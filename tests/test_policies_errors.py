@@ -10,6 +10,7 @@ from proxykv.policies import (
     get_policy,
     protect,
     register_policy,
+    top_count_mask,
     unregister_policy,
 )
 
@@ -108,15 +109,21 @@ def test_a_budget_smaller_than_the_protected_set_is_refused():
     with pytest.raises(ValueError,
                        match=r"budget=8 \(from keep_ratio=0.5\) is smaller than the 12"):
         policy.select(SCORES, keep_ratio=0.5)
-    with pytest.raises(ValueError, match=r"is smaller than the 32 positions"):
+    with pytest.raises(ValueError, match=r"is smaller than the 32 positions per head that "
+                                         r"RecentWindow\(window=32, inner=Pooled"):
         get_policy("pooled_window", window=32).select(torch.zeros(1, 1, 1, 40), budget=20)
     assert policy.select(SCORES, budget=12).indices.shape[-1] == 12
 
 
 def test_a_protected_set_larger_than_t_is_refused():
-    with pytest.raises(ValueError, match=r"n_sink=0 \+ n_recent=20 protected positions exceed the "
-                                         r"T=16 positions"):
+    with pytest.raises(ValueError, match=r"window=20 protected positions exceed the T=16 "
+                                         r"positions"):
         get_policy("threshold", tau=0.0, window=20).select(SCORES)
+    with pytest.raises(ValueError, match=r"window=20 protected positions exceed the T=16 "
+                                         r"positions"):
+        get_policy("pooled_window", window=20).select(SCORES, budget=16)
+    with pytest.raises(ValueError, match=r"n_sink=10 \+ n_recent=10 protected positions exceed"):
+        get_policy("sink_recent", n_sink=10, n_recent=10).select(SCORES, budget=16)
     with pytest.raises(ValueError, match=r"min_per_head=17 exceeds the T=16 positions"):
         get_policy("threshold", tau=0.0, min_per_head=17).select(SCORES)
 
@@ -129,18 +136,20 @@ def test_a_protected_set_larger_than_t_is_refused():
     pytest.param(torch.zeros(1, 1, 2, 2, 16), ValueError, r"scores must be a 4-D tensor",
                  id="rank-5"),
     pytest.param(torch.zeros(1, 2, 2, 16, dtype=torch.float16), TypeError,
-                 r"scores must be float32, got torch.float16", id="float16"),
-    pytest.param(torch.zeros(1, 2, 2, 16, dtype=torch.float64), TypeError,
-                 r"scores must be float32, got torch.float64", id="float64"),
+                 r"scores must be float32 or float64, got torch.float16", id="float16"),
     pytest.param(torch.zeros(1, 2, 2, 16, dtype=torch.int64), TypeError,
-                 r"scores must be float32, got torch.int64", id="int64"),
+                 r"scores must be float32 or float64, got torch.int64", id="int64"),
     pytest.param([[[[0.0]]]], TypeError, r"scores must be a torch.Tensor, got list", id="list"),
     pytest.param(torch.zeros(0, 2, 2, 16), ValueError,
-                 r"scores must have B, L, H_kv, T >= 1, got shape \(0, 2, 2, 16\)", id="empty-B"),
-    pytest.param(torch.zeros(1, 2, 2, 0), ValueError, r"B, L, H_kv, T >= 1", id="empty-T"),
+                 r"scores must have B >= 1, got shape "
+                 r"\(0, 2, 2, 16\)", id="empty-B"),
+    pytest.param(torch.zeros(1, 2, 2, 0), ValueError,
+                 r"scores must have at least one position \(T >= 1\)", id="empty-T"),
     pytest.param(torch.tensor([[[[0.0, float("nan"), 1.0]]]]), ValueError,
-                 r"scores must not contain NaN \(use -inf for invalid positions\); 1 NaN found",
-                 id="nan"),
+                 r"scores must hold no NaN \(use -inf for invalid positions\); found nan at "
+                 r"position \[0, 0, 0, 1\] of shape \(1, 1, 1, 3\)", id="nan"),
+    pytest.param(torch.zeros(1, 2, 2, 16, device="meta"), ValueError,
+                 r"scores must be on a CPU or CUDA device, got meta", id="meta"),
 ])
 def test_bad_scores(scores, error, message):
     with pytest.raises(error, match=message):
@@ -161,8 +170,12 @@ def test_bad_scores(scores, error, message):
                  id="kernel-even"),
     pytest.param("pooled_window", {"mode": "min"}, ValueError,
                  r"mode must be one of 'max' or 'avg', got 'min'", id="mode"),
-    pytest.param("pooled_window", {"window": -1}, ValueError, r"n_recent must be >= 0, got -1",
+    pytest.param("pooled_window", {"window": -1}, ValueError, r"^window must be >= 0, got -1",
                  id="window-negative"),
+    pytest.param("pooled_window", {"window": 2.0}, TypeError, r"^window must be an int, got float",
+                 id="window-float"),
+    pytest.param("threshold", {"tau": 0.0, "window": -4}, ValueError,
+                 r"^window must be >= 0, got -4", id="threshold-window-negative"),
     pytest.param("pooled_window", {"impl": "cuda"}, ValueError,
                  r"impl must be one of 'triton', 'torch' or None, got 'cuda'", id="impl"),
     pytest.param("pooled_window", {"inner": "topk"}, TypeError,
@@ -205,3 +218,39 @@ def test_protect_checks_its_arguments():
         protect("topk", n_sink=4)
     with pytest.raises(ValueError, match=r"n_recent must be >= 0, got -3"):
         protect(get_policy("topk"), n_recent=-3)
+
+
+@pytest.mark.parametrize("make_policy, shown", [
+    pytest.param(lambda: get_policy("pooled_window", window=8, kernel_size=3),
+                 "RecentWindow(window=8, inner=Pooled(kernel_size=3", id="pooled_window"),
+    pytest.param(lambda: get_policy("threshold", tau=0.5, window=3),
+                 "RecentWindow(window=3, inner=Threshold(tau=0.5", id="threshold"),
+    pytest.param(lambda: get_policy("sink_recent", n_sink=2, n_recent=3),
+                 "Protected(n_sink=2, n_recent=3, inner=Recency", id="sink_recent"),
+])
+def test_a_policy_shows_the_parameters_it_was_built_with(make_policy, shown):
+    assert repr(make_policy()).startswith(shown)
+
+
+@pytest.mark.parametrize("rows, counts, error, message", [
+    pytest.param(torch.zeros(2, 5, device="meta"), torch.ones(2, dtype=torch.int64, device="meta"),
+                 ValueError, "rows must be on a CPU or CUDA device, got meta", id="meta"),
+    pytest.param(torch.zeros(2, 5, dtype=torch.float16), torch.ones(2, dtype=torch.int64),
+                 TypeError, "rows must be float32 or float64, got torch.float16", id="fp16"),
+    pytest.param(torch.zeros(2, 5), torch.ones(3, dtype=torch.int64), ValueError,
+                 r"counts must have shape \[R\] = \(2,\), got \(3,\)", id="counts-shape"),
+    pytest.param(torch.zeros(2, 5), torch.ones(2), TypeError,
+                 "counts must be int32 or int64, got torch.float32", id="counts-float"),
+    pytest.param(torch.zeros(2, 5), torch.tensor([1, -1]), ValueError,
+                 r"counts must be >= 0, got a minimum of -1", id="counts-negative"),
+    pytest.param(torch.zeros(0, 5), torch.ones(0, dtype=torch.int64), ValueError,
+                 r"rows must have R >= 1", id="empty"),
+])
+def test_top_count_mask_checks_its_arguments(rows, counts, error, message):
+    with pytest.raises(error, match=message):
+        top_count_mask(rows, counts)
+
+
+def test_top_count_mask_reads_float64_rows_as_float32():
+    rows = torch.tensor([[1.0, float("inf"), 3.0, float("-inf")]], dtype=torch.float64)
+    assert top_count_mask(rows, torch.tensor([2])).tolist() == [[False, True, True, False]]

@@ -37,6 +37,35 @@ def test_pool_scores_matches_reference(impl, case, device):
     assert_close(actual, expected, name=f"pool_scores[{mode}, k={kernel_size}]")
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: f"impl={i}")
+@given(case=pooling_cases(), data=st.data())
+def test_pool_scores_with_pos_inf_matches_reference(impl, case, data, device):
+    scores, kernel_size, mode = case
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    scores = scores.masked_fill(torch.rand(scores.shape, generator=generator) < 0.1,
+                                float("inf"))
+    expected = pool_scores_reference(scores, kernel_size, mode)
+    actual = pool_scores(scores.to(device), kernel_size, mode=mode, impl=impl)
+    assert not bool(actual.isnan().any()), "NaN from +inf input"
+    assert_close(actual, expected, name=f"pool_scores[{mode}, k={kernel_size}] with +inf")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pos_inf_spreads_over_its_window_but_not_into_invalid_positions(impl, mode, device):
+    scores = torch.tensor([1.0, float("inf"), 2.0, float("-inf"), 3.0, 4.0], device=device)
+    pooled = pool_scores(scores, 3, mode=mode, impl=impl).cpu()
+    assert pooled.tolist()[:4] == [float("inf"), float("inf"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_float64_scores_are_read_as_float32(impl, device):
+    scores = torch.randn(3, 20, dtype=torch.float64, device=device)
+    pooled = pool_scores(scores, 5, mode="avg", impl=impl)
+    assert pooled.dtype == torch.float32
+    assert torch.equal(pooled, pool_scores(scores.float(), 5, mode="avg", impl=impl))
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_invalid_positions_stay_invalid_and_never_leak(impl, mode, device):
@@ -105,7 +134,13 @@ def test_input_is_not_modified(device):
          r"scores must have at least 1 dimension\(s\) \[\.\.\., T\], got shape \(\)"),
         (dict(scores=torch.zeros(2, 0)), ValueError, r"at least one position \(T >= 1\)"),
         (dict(scores=torch.zeros(4, dtype=torch.float16)), TypeError,
-         "scores must be float32, got torch.float16"),
+         "scores must be float32 or float64, got torch.float16"),
+        (dict(scores=torch.zeros(0, 3, 8)), ValueError,
+         r"scores must have every dimension >= 1 \[\.\.\., T\], got shape \(0, 3, 8\)"),
+        (dict(scores=torch.zeros(2, 0, 8)), ValueError,
+         r"scores must have every dimension >= 1 \[\.\.\., T\], got shape \(2, 0, 8\)"),
+        (dict(scores=torch.zeros(2, 8, device="meta")), ValueError,
+         "scores must be on a CPU or CUDA device, got meta"),
         (dict(scores=[1.0, 2.0]), TypeError, "scores must be a torch.Tensor, got list"),
         (dict(kernel_size=0), ValueError, "kernel_size must be >= 1, got 0"),
         (dict(kernel_size=-3), ValueError, "kernel_size must be >= 1, got -3"),
@@ -114,7 +149,8 @@ def test_input_is_not_modified(device):
         (dict(mode="sum"), ValueError, "mode must be one of 'max' or 'avg', got 'sum'"),
         (dict(impl="cuda"), ValueError, "impl must be one of 'triton', 'torch' or None, got 'cuda'"),
     ],
-    ids=["rank0", "empty-T", "fp16", "list", "k0", "k-neg", "k-even", "k-float", "mode", "impl"],
+    ids=["rank0", "empty-T", "fp16", "empty-B", "empty-H", "meta", "list", "k0", "k-neg",
+         "k-even", "k-float", "mode", "impl"],
 )
 def test_bad_input_raises_before_running(kwargs, error, message):
     arguments = dict(scores=torch.zeros(2, 8), kernel_size=3, mode="max", impl=None) | kwargs

@@ -219,7 +219,7 @@ def test_from_selection_rejects_a_bad_selection():
                          torch.tensor([0, 2, 4], dtype=torch.int32), 1, 1, 2, 6, 2.0)
     with pytest.raises(ValueError, match="strictly increasing within each segment"):
         RaggedKVCache.from_selection(cache, unsorted)
-    with pytest.raises(ValueError, match="growth must be a positive number, got 0"):
+    with pytest.raises(ValueError, match=r"growth must be a finite float > 0 .*got 0.0"):
         RaggedKVCache.from_selection(cache, _small_cache()[1], growth=0)
     with pytest.raises(ValueError, match="reserve_steps must be >= 0, got -1"):
         RaggedKVCache.from_selection(cache, _small_cache()[1], reserve_steps=-1)

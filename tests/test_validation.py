@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from proxykv._validation import (check_choice, check_gqa, check_indices, check_int,
-                                 check_same_device, check_same_dtype, check_tensor)
+                                 check_same_device, check_same_dtype, check_scale, check_tensor)
 
 
 def test_rank_message_names_the_layout():
@@ -20,9 +20,28 @@ def test_dtype_message_lists_what_is_accepted():
 
 
 def test_device_mismatch_names_both_devices():
-    with pytest.raises(ValueError, match=r"^q and k must be on the same device, got meta and cpu$"):
-        check_same_device(q=torch.zeros(1, device="meta"), k=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"^q and k must be on the same device, got cpu and meta$"):
+        check_same_device(q=torch.zeros(1), k=torch.zeros(1, device="meta"))
     assert check_same_device(q=torch.zeros(1), k=None) == torch.device("cpu")
+
+
+def test_device_check_refuses_meta_and_non_tensors():
+    with pytest.raises(ValueError, match=r"^q must be on a CPU or CUDA device, got meta$"):
+        check_same_device(q=torch.zeros(1, device="meta"), k=torch.zeros(1, device="meta"))
+    with pytest.raises(TypeError, match=r"^key_valid_len must be a torch.Tensor, got list$"):
+        check_same_device(q=torch.zeros(1), key_valid_len=[3])
+
+
+def test_scale_rule():
+    assert check_scale(None, 16) == 0.25
+    assert check_scale(2, 16) == 2.0
+    with pytest.raises(TypeError, match=r"^scale must be a float, got str 'x'$"):
+        check_scale("x", 16)
+    with pytest.raises(TypeError, match=r"^scale must be a float, got bool True$"):
+        check_scale(True, 16)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^scale must be a finite float > 0 "):
+            check_scale(bad, 16)
 
 
 def test_dtype_mismatch():

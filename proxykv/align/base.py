@@ -1,7 +1,8 @@
 """The contract every aligner follows, and the score-domain helpers they share.
 
 An aligner is a ``torch.nn.Module`` that maps proxy scores ``[B, Lp, Hp, T]`` to target scores
-``[B, Lt, Ht, T]``. Both are float32 **log-scores**: larger = keep, ``-inf`` = invalid position.
+``[B, Lt, Ht, T]``. Both are float32 **log-scores** (float64 input is read as float32): larger =
+keep, ``-inf`` = invalid position; NaN and ``+inf`` are refused.
 Log-scores rather than probabilities because attention mass spans many orders of magnitude: in the
 log domain, averaging layers, blurring along tokens and mixing heads behave like operations on
 comparable numbers instead of being dominated by the few largest entries. Convert attention-mass
@@ -22,7 +23,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from proxykv._validation import check_float, check_same_device, check_tensor
+from proxykv._validation import (
+    as_score_tensor,
+    check_float,
+    check_no_nan,
+    check_same_device,
+)
 from proxykv.align._ranking import row_mean_std
 
 NEG_INF = float("-inf")
@@ -41,41 +47,59 @@ def check_model_shape(name: str, value) -> tuple[int, int]:
     return int(layers), int(heads)
 
 
-def check_scores(name: str, scores, shape: tuple[int, int], side: str) -> torch.Tensor:
-    """``scores`` is float32 ``[B, L, H, T]`` with ``(L, H) == shape`` and ``T >= 1``."""
+def check_score_tensor(name: str, scores) -> torch.Tensor:
+    """A score tensor ``[B, L, H, T]`` of the losses and metrics: float32 or float64 (read as
+    float32, which is returned), every dimension >= 1, on a CPU or CUDA device."""
+    return as_score_tensor(name, scores, ndim=4, layout="[B, L, H, T]")
+
+
+def check_scores(name: str, scores, shape: tuple[int, int], side: str, *, samples: str = "B",
+                 check_values: bool = True) -> torch.Tensor:
+    """An aligner's score tensor ``[B, L, H, T]`` for the ``side`` model (``(L, H) == shape``):
+    float32 or float64 (read as float32, which is returned), ``B >= 1`` and ``T >= 1``, on a CPU or
+    CUDA device, and (with ``check_values``; one device sync) finite or ``-inf`` everywhere.
+    ``samples`` names the first dimension in messages (``"N"`` for a whole data set).
+    """
     layers, heads = shape
-    layout = f"[B, L{side[0]}={layers}, H{side[0]}={heads}, T]"
-    check_tensor(name, scores, ndim=4, layout=layout, dtypes=(torch.float32,))
+    layout = f"[{samples}, L{side[0]}={layers}, H{side[0]}={heads}, T]"
+    scores = as_score_tensor(name, scores, ndim=4, layout=f"[{samples}, L{side[0]}, H{side[0]}, T]")
     if tuple(scores.shape[1:3]) != shape:
         raise ValueError(f"{name} must have shape {layout} for the {side} model "
                          f"({layers} layers x {heads} heads), got shape {tuple(scores.shape)}")
-    if scores.shape[-1] < 1:
-        raise ValueError(f"{name} must have at least one position (T >= 1), got shape "
-                         f"{tuple(scores.shape)}")
+    if check_values:
+        check_no_nan(name, scores, allow_pos_inf=False, why=f"log-scores {layout}, -inf = invalid")
     return scores
 
 
-def check_score_pair(pred, reference, reference_name: str) -> None:
-    """``pred`` and ``reference`` are float32 ``[B, L, H, T]`` score tensors of one shape and device
-    (the inputs of every loss term and metric)."""
-    check_tensor("pred", pred, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
-    check_tensor(reference_name, reference, ndim=4, layout="[B, L, H, T]",
-                 dtypes=(torch.float32,))
+def check_score_pair(pred, reference, reference_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pred`` and ``reference`` (the inputs of every loss term and metric) are score tensors
+    ``[B, L, H, T]`` of one shape and device (see ``check_score_tensor``); returns both as
+    float32. Their values are not read."""
+    pred = check_score_tensor("pred", pred)
+    reference = check_score_tensor(reference_name, reference)
     if pred.shape != reference.shape:
         raise ValueError(f"pred and {reference_name} must have the same shape [B, L, H, T], got "
                          f"{tuple(pred.shape)} and {tuple(reference.shape)}")
     check_same_device(pred=pred, **{reference_name: reference})
+    return pred, reference
 
 
 def to_log_scores(scores: torch.Tensor, *, floor: float = 1e-30) -> torch.Tensor:
-    """Attention-mass scores (``>= 0``, ``-inf`` = invalid) -> log-scores for the aligners.
+    """Attention-mass scores (``>= 0``, ``-inf`` = invalid; any shape; float32, or float64 read as
+    float32) -> log-scores for the aligners.
 
     ``log(max(score, floor))`` at valid positions, so a valid score of 0 stays valid (it becomes
     ``log(floor)``) and only ``-inf`` marks an invalid position. Returns a new float32 tensor.
-    Not checked: negative scores (they become ``log(floor)`` too).
+
+    Raises ``TypeError`` for other dtypes and ``ValueError`` for NaN or ``+inf`` entries (naming
+    the first; one device sync) or a ``meta`` tensor. Not checked: negative scores (they become
+    ``log(floor)`` too).
     """
-    check_tensor("scores", scores, dtypes=(torch.float32,))
+    scores = as_score_tensor("scores", scores)
     check_float("floor", floor, minimum=0.0, exclusive_minimum=True)
+    check_same_device(scores=scores)
+    check_no_nan("scores", scores, allow_pos_inf=False,
+                 why="attention mass is finite; -inf marks an invalid position")
     return torch.where(scores == NEG_INF, scores, scores.clamp_min(floor).log())
 
 
@@ -143,14 +167,17 @@ class Aligner(nn.Module):
                 "target_shape": list(self.target_shape), "params": self.params()}
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        """Proxy log-scores float32 ``[B, Lp, Hp, T]`` (any strides) -> target scores float32
-        ``[B, Lt, Ht, T]``, contiguous, on the same device. Larger = keep; ``-inf`` marks invalid
-        positions, and a position invalid in the input channels an output channel reads stays
-        invalid. The input is data: no gradient flows back into ``scores``.
+        """Proxy log-scores ``[B, Lp, Hp, T]`` (float32, or float64 read as float32; any strides)
+        -> target scores float32 ``[B, Lt, Ht, T]``, contiguous, on the same device. Larger =
+        keep; ``-inf`` marks invalid positions, and a position invalid in the input channels an
+        output channel reads stays invalid. The input is data: no gradient flows back into
+        ``scores``.
 
-        Not checked: NaN or ``+inf`` entries (the result is unspecified).
+        Raises ``TypeError`` for a non-tensor or another dtype, and ``ValueError`` for a wrong
+        shape, ``B = 0`` or ``T = 0``, a ``meta`` tensor or one on another device than the
+        aligner, and NaN or ``+inf`` entries (naming the first; one device sync).
         """
-        check_scores("scores", scores, self.proxy_shape, "proxy")
+        scores = check_scores("scores", scores, self.proxy_shape, "proxy")
         device = self.device
         if device is not None and device != scores.device:
             raise ValueError(f"scores is on {scores.device} but the {self.name!r} aligner is on "

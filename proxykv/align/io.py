@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from proxykv._validation import dtype_name
 from proxykv.align.base import Aligner, check_model_shape
 from proxykv.align.registry import get_aligner
 
@@ -45,20 +47,50 @@ def save(aligner: Aligner, path, *, metadata: dict | None = None) -> Path:
 
 
 def read_config(path) -> dict:
-    """The ``config.json`` of a saved aligner, checked for format and shapes."""
+    """The ``config.json`` of the aligner saved in the directory ``path``, checked for format,
+    name, shapes and parameters (a dict).
+
+    Raises ``FileNotFoundError`` when the file is missing and ``ValueError`` naming the file when it
+    is not valid JSON or not such a config.
+    """
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"no aligner config at {config_path} (expected a directory written "
                                 f"by proxykv.align.save)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"aligner config {config_path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"aligner config {config_path} must hold a JSON object, got "
+                         f"{type(config).__name__}")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path} is not a {FORMAT} config of version {FORMAT_VERSION}, got "
-                         f"format={config.get('format')!r} "
+        raise ValueError(f"aligner config {config_path} is not a {FORMAT} config of version "
+                         f"{FORMAT_VERSION}, got format={config.get('format')!r} "
                          f"format_version={config.get('format_version')!r}")
     for key in ("aligner", "proxy_shape", "target_shape", "params"):
         if key not in config:
-            raise ValueError(f"{config_path} lacks the field {key!r}")
+            raise ValueError(f"aligner config {config_path} lacks the field {key!r}")
+    problem = _field_problem(config)
+    if problem is not None:
+        raise ValueError(f"aligner config {config_path}: {problem}")
     return config
+
+
+def _field_problem(config: dict) -> str | None:
+    """What is wrong with the types of a config's fields, or None."""
+    if not isinstance(config["aligner"], str):
+        return (f"aligner must be a string (a registered name), got "
+                f"{type(config['aligner']).__name__} {config['aligner']!r}")
+    for key in ("proxy_shape", "target_shape"):
+        try:
+            check_model_shape(key, config[key])
+        except (TypeError, ValueError) as error:
+            return str(error)
+    for key in ("params", "metadata"):
+        if not isinstance(config.get(key, {}), dict):
+            return f"{key} must be a JSON object, got {type(config[key]).__name__}"
+    return None
 
 
 def load(path, *, proxy_shape=None, target_shape=None,
@@ -66,10 +98,15 @@ def load(path, *, proxy_shape=None, target_shape=None,
     """Rebuild the aligner saved in the directory ``path`` on ``map_location``.
 
     ``proxy_shape`` / ``target_shape`` (``(layers, heads)``), when given, must equal the saved
-    shapes: loading an aligner for other models raises ``ValueError``. So do weights that do not
-    match the saved configuration.
+    shapes: loading an aligner for other models raises ``ValueError``.
+
+    A missing ``config.json`` or ``weights.safetensors`` raises ``FileNotFoundError``; a file that
+    is unreadable or does not describe a buildable aligner (see ``read_config``; an unknown aligner
+    name or parameter), or weights whose names, shapes or dtypes differ from the configured
+    aligner's, raise ``ValueError`` naming the file.
     """
     config = read_config(path)
+    config_path = Path(path) / CONFIG_FILE
     saved = {"proxy_shape": tuple(config["proxy_shape"]),
              "target_shape": tuple(config["target_shape"])}
     for name, expected in (("proxy_shape", proxy_shape), ("target_shape", target_shape)):
@@ -77,15 +114,38 @@ def load(path, *, proxy_shape=None, target_shape=None,
             raise ValueError(f"the aligner saved at {path} maps {saved['proxy_shape']} -> "
                              f"{saved['target_shape']} (layers, heads), but {name}="
                              f"{tuple(expected)} was requested")
-    aligner = get_aligner(config["aligner"], saved["proxy_shape"], saved["target_shape"],
-                          **config["params"])
+    try:
+        aligner = get_aligner(config["aligner"], saved["proxy_shape"], saved["target_shape"],
+                              **config["params"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"aligner config {config_path}: {error}") from error
     weights_path = Path(path) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"no aligner weights at {weights_path}")
-    weights = load_file(str(weights_path), device="cpu")
     try:
-        aligner.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
+        weights = load_file(str(weights_path), device="cpu")
+    except SafetensorError as error:
+        raise ValueError(f"aligner weights {weights_path} are not a readable safetensors file: "
+                         f"{error}") from error
+    problems = _state_dict_differences(weights, aligner.state_dict())
+    if problems:
         raise ValueError(f"the weights at {weights_path} do not fit the saved "
-                         f"{config['aligner']!r} configuration: {error}") from error
+                         f"{config['aligner']!r} configuration: {'; '.join(problems)}")
+    aligner.load_state_dict(weights, strict=True)
     return aligner.to(map_location)
+
+
+def _state_dict_differences(weights: dict[str, torch.Tensor],
+                            expected: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``weights`` from being loaded as ``expected`` exactly (``load_state_dict`` would
+    silently convert dtypes)."""
+    problems = [f"missing {key!r}" for key in expected if key not in weights]
+    problems += [f"unexpected {key!r}" for key in weights if key not in expected]
+    for key in expected.keys() & weights.keys():
+        got, want = weights[key], expected[key]
+        if got.shape != want.shape:
+            problems.append(f"{key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{key!r} is {dtype_name(got.dtype)}, expected "
+                            f"{dtype_name(want.dtype)}")
+    return problems

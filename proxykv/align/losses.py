@@ -2,8 +2,11 @@
 token, block and head levels. Each term is a function usable alone; ``MultiGranularityLoss`` sums
 them with configurable weights.
 
-All terms take ``pred`` and ``target`` float32 ``[B, L, H, T]`` (target = the teacher's scores)
-and use only positions valid (``!= -inf``) in both; gradients stay finite with ``-inf`` entries.
+All terms take ``pred`` and ``target`` ``[B, L, H, T]`` (target = the teacher's scores; float32,
+or float64 read as float32; every dimension >= 1; one CPU or CUDA device) and use only positions
+valid (``!= -inf``) in both; gradients stay finite with ``-inf`` entries. A wrong dtype raises
+``TypeError``; a wrong shape, an empty dimension or a ``meta`` tensor ``ValueError``. The values are
+not read for checks (that would cost a device sync per training step): NaN propagates.
 Their scale conventions:
 
 * ``pred`` enters through per-row (token, block) or per-sample (regression, budget) standardisation,
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxykv._validation import check_float, check_int, check_tensor
+from proxykv._validation import check_float, check_int
 from proxykv.align._ranking import (
     budget_sizes,
     check_keep_ratios,
@@ -33,7 +36,7 @@ from proxykv.align._ranking import (
     row_mean_std,
     standardise_rows,
 )
-from proxykv.align.base import NEG_INF, check_score_pair
+from proxykv.align.base import NEG_INF, check_score_pair, check_score_tensor
 
 _MASKED_LOGIT = -1e30  # finite, so a fully masked row softmaxes to finite numbers, not NaN
 
@@ -156,7 +159,7 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error between the per-sample standardised log-scores (one mean and standard
     deviation over all valid entries of a sample, so head and layer levels are kept), averaged over
     valid positions and then over samples. Invariant to a positive affine change of either side."""
-    check_score_pair(pred, target, "target")
+    pred, target = check_score_pair(pred, target, "target")
     return _regression(pred, target, _valid_both(pred, target))
 
 
@@ -166,7 +169,7 @@ def token_rank_loss(pred: torch.Tensor, target: torch.Tensor, *,
     teacher's ranks (``temperature`` = fraction of the row, from the top, that holds most of the
     mass) to the softmax of the row-standardised prediction. Mean over rows with >= 2 valid
     tokens."""
-    check_score_pair(pred, target, "target")
+    pred, target = check_score_pair(pred, target, "target")
     temperature = _check_temperature("temperature", temperature)
     return _rank_kl(pred, RankTarget.from_scores(target, _valid_both(pred, target), temperature))
 
@@ -177,7 +180,7 @@ def block_rank_loss(pred: torch.Tensor, target: torch.Tensor, *, block_size: int
     one may be shorter), each block scored by its largest valid entry, on both sides (the maximum
     commutes with increasing transforms, so the teacher is still read through its order only).
     Blocks without valid entries are skipped."""
-    check_score_pair(pred, target, "target")
+    pred, target = check_score_pair(pred, target, "target")
     check_int("block_size", block_size, minimum=1)
     temperature = _check_temperature("temperature", temperature)
     valid = _valid_both(pred, target)
@@ -195,7 +198,7 @@ def budget_share_loss(pred: torch.Tensor, target: torch.Tensor, *,
     constant; for samples of more than 65,536 entries taken from evenly strided entries).
     Loss: total variation ``0.5 * sum |share_pred - share_teacher|`` (in [0, 1]), averaged over
     keep ratios and samples. Layer shares are sums of head shares."""
-    check_score_pair(pred, target, "target")
+    pred, target = check_score_pair(pred, target, "target")
     ratios = check_keep_ratios(keep_ratios)
     temperature = _check_temperature("temperature", temperature)
     samples, length = pred.shape[0], pred.shape[-1]
@@ -287,8 +290,9 @@ class MultiGranularityLoss(nn.Module):
         return (tuple(self.weights.items()), self.temperature, self.block_size, self.keep_ratios)
 
     def prepare(self, target: torch.Tensor) -> TeacherTargets:
-        """The teacher-side quantities of ``target`` float32 ``[N, L, H, T]`` for this loss."""
-        check_tensor("target", target, ndim=4, layout="[B, L, H, T]", dtypes=(torch.float32,))
+        """The teacher-side quantities of ``target`` ``[N, L, H, T]`` for this loss (a score tensor
+        as ``pred`` and ``target`` of ``forward``: float32, or float64 read as float32)."""
+        target = check_score_tensor("target", target)
         return self._prepare(target, target != NEG_INF)
 
     def _prepare(self, target: torch.Tensor, valid: torch.Tensor) -> TeacherTargets:
@@ -309,7 +313,7 @@ class MultiGranularityLoss(nn.Module):
                    target: torch.Tensor | TeacherTargets) -> dict[str, torch.Tensor]:
         """The unweighted terms with a non-zero weight, by name (differentiable)."""
         if isinstance(target, TeacherTargets):
-            check_score_pair(pred, target.scores, "target")
+            pred, _ = check_score_pair(pred, target.scores, "target")
             if target.settings != self._settings():
                 raise ValueError("target was prepared by a MultiGranularityLoss with other "
                                  "settings; prepare it with this loss")
@@ -320,7 +324,7 @@ class MultiGranularityLoss(nn.Module):
                                  "such positions out")
             teacher = target
         else:
-            check_score_pair(pred, target, "target")
+            pred, target = check_score_pair(pred, target, "target")
             teacher = self._prepare(target, _valid_both(pred, target))
         rows = pred.reshape(pred.shape[0], -1, pred.shape[-1])
         terms = {

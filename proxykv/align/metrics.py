@@ -1,8 +1,9 @@
 """How well predicted scores reproduce the teacher's choices: top-k recall at keep ratios and
 per-head Spearman correlation.
 
-Both take ``pred`` and ``teacher`` float32 ``[B, L, H, T]`` (larger = keep, ``-inf`` = invalid).
-The teacher's valid positions define what can be kept.
+Both take ``pred`` and ``teacher`` ``[B, L, H, T]`` (larger = keep, ``-inf`` = invalid; float32,
+or float64 read as float32; checked like the loss inputs, see ``proxykv.align.losses``). The
+teacher's valid positions define what can be kept.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def topk_recall(pred: torch.Tensor, teacher: torch.Tensor, keep_ratios=DEFAULT_K
     (NaN if none); with ``"none"`` a float32 tensor ``[B, L, H]`` (head) or ``[B]`` (global), NaN
     for rows without valid entries.
     """
-    check_score_pair(pred, teacher, "teacher")
+    pred, teacher = check_score_pair(pred, teacher, "teacher")
     check_choice("scope", scope, RECALL_SCOPES)
     check_choice("reduction", reduction, ("mean", "none"))
     ratios = check_keep_ratios(keep_ratios)
@@ -68,7 +69,7 @@ def per_head_spearman(pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     """Spearman rank correlation between ``pred`` and ``teacher`` over the tokens of each
     ``(b, l, h)`` row, on positions valid in both (ties get average ranks). Float32 ``[B, L, H]``;
     NaN where a row has fewer than two such positions or either side is constant on them."""
-    check_score_pair(pred, teacher, "teacher")
+    pred, teacher = check_score_pair(pred, teacher, "teacher")
     length = pred.shape[-1]
     pred_rows, teacher_rows = pred.reshape(-1, length), teacher.reshape(-1, length)
     valid = (pred_rows != NEG_INF) & (teacher_rows != NEG_INF)

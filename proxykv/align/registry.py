@@ -50,16 +50,17 @@ def get_aligner(name: str, proxy_shape, target_shape, **params) -> Aligner:
     """Build the aligner registered as ``name`` for ``proxy_shape=(Lp, Hp)`` ->
     ``target_shape=(Lt, Ht)``; ``params`` are its keyword arguments (see each class).
 
-    Unknown names and unknown parameters raise ``ValueError`` listing what exists.
+    Raises ``ValueError`` for an unknown name (listing the registered ones) and ``TypeError`` for
+    an unknown parameter (listing the accepted ones), like a call with an unexpected keyword.
     """
     cls = aligner_class(name)
     proxy_shape = check_model_shape("proxy_shape", proxy_shape)
     target_shape = check_model_shape("target_shape", target_shape)
     accepted = [p.name for p in inspect.signature(cls.__init__).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        listed = ", ".join(accepted) if accepted else "none"
-        raise ValueError(f"aligner {name!r} has no parameter(s) {', '.join(unknown)}; "
-                         f"its parameters: {listed}")
+    unexpected = sorted(set(params) - set(accepted))
+    if unexpected:
+        raise TypeError(f"get_aligner({name!r}) got unexpected parameter(s) "
+                        f"{', '.join(repr(p) for p in unexpected)}; "
+                        f"accepted: {', '.join(accepted) or 'none'}")
     return cls(proxy_shape, target_shape, **params)

@@ -1,11 +1,17 @@
 """Fitting and evaluating aligners on (proxy scores, teacher scores) pairs.
 
 Data comes either as two tensors ``proxy_scores [N, Lp, Hp, T]`` and ``target_scores
-[N, Lt, Ht, T]`` (float32 log-scores, on any device; batches are moved to the aligner's device), or
-as a re-iterable (a list, a ``DataLoader``) of ``(proxy_batch, target_batch)`` pairs passed as
-``proxy_scores`` with ``target_scores=None``, for data that does not fit in memory; batches may
-differ in ``T``. Proxy and teacher must mark the same positions invalid (a ``-inf`` in any channel
-of a sample at token ``t`` on one side needs one on the other).
+[N, Lt, Ht, T]`` (log-scores, float32 or float64 read as float32, on any CPU or CUDA device; batches
+are moved to the aligner's device), or as a re-iterable (a list, a ``DataLoader``) of
+``(proxy_batch, target_batch)`` pairs passed as ``proxy_scores`` with ``target_scores=None``, for
+data that does not fit in memory; batches may differ in ``T``. Proxy and teacher must mark the same
+positions invalid (a ``-inf`` in any channel of a sample at token ``t`` on one side needs one on the
+other).
+
+The data is checked once, before any training step: tensors up front, an iterable on a first pass
+of its own. Empty data (``N = 0``, ``T = 0``, no batch) and NaN or ``+inf`` scores raise
+``ValueError`` naming the tensor, the batch (iterables) and the first bad position
+``[sample, layer, head, token]``. Later passes over an iterable check only shapes and dtypes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from proxykv._validation import check_choice, check_float, check_int
+from proxykv.align._ranking import check_keep_ratios
 from proxykv.align.base import Aligner, all_channels_valid, check_scores
 from proxykv.align.losses import MultiGranularityLoss, TeacherTargets
 from proxykv.align.metrics import DEFAULT_KEEP_RATIOS, per_head_spearman, topk_recall
@@ -51,28 +58,45 @@ def _device_of(aligner: Aligner) -> torch.device:
     return aligner.device or torch.device("cpu")
 
 
-def check_pair(aligner: Aligner, proxy, target, where: str = "") -> None:
-    """Validate one ``(proxy, target)`` pair for ``aligner`` (shapes, dtypes, matching masks)."""
-    check_scores(f"proxy_scores{where}", proxy, aligner.proxy_shape, "proxy")
-    check_scores(f"target_scores{where}", target, aligner.target_shape, "target")
+def check_pair(aligner: Aligner, proxy, target, names: tuple[str, str], *, samples: str = "N",
+               check_values: bool = True) -> Batch:
+    """Validate one ``(proxy, target)`` pair for ``aligner`` (see ``check_scores``; ``names`` name
+    the two in messages); returns both as float32. With ``check_values`` (two device syncs) also
+    their values: finite or ``-inf``, and the same positions invalid on both sides."""
+    proxy_name, target_name = names
+    proxy = check_scores(proxy_name, proxy, aligner.proxy_shape, "proxy", samples=samples,
+                         check_values=check_values)
+    target = check_scores(target_name, target, aligner.target_shape, "target", samples=samples,
+                          check_values=check_values)
     if proxy.shape[0] != target.shape[0] or proxy.shape[-1] != target.shape[-1]:
-        raise ValueError(f"proxy_scores{where} and target_scores{where} must have the same number "
-                         f"of samples N and tokens T, got shapes {tuple(proxy.shape)} and "
+        raise ValueError(f"{proxy_name} and {target_name} must have the same number of samples "
+                         f"{samples} and tokens T, got shapes {tuple(proxy.shape)} and "
                          f"{tuple(target.shape)}")
-    samples, length = proxy.shape[0], proxy.shape[-1]
-    proxy_valid = all_channels_valid(proxy.reshape(samples, -1, length))
-    target_valid = all_channels_valid(target.to(proxy.device).reshape(samples, -1, length))
+    if not check_values:
+        return proxy, target
+    count, length = proxy.shape[0], proxy.shape[-1]
+    proxy_valid = all_channels_valid(proxy.reshape(count, -1, length))
+    target_valid = all_channels_valid(target.to(proxy.device).reshape(count, -1, length))
     mismatch = proxy_valid != target_valid
     if bool(mismatch.any()):
         sample, _, token = (int(i) for i in mismatch.nonzero()[0])
-        raise ValueError(f"proxy_scores{where} and target_scores{where} must mark the same "
-                         f"positions invalid (-inf in some channel); they differ at "
-                         f"{int(mismatch.sum())} position(s), the first at sample {sample}, "
-                         f"token {token}")
+        raise ValueError(f"{proxy_name} and {target_name} must mark the same positions invalid "
+                         f"(-inf in some channel); they differ at {int(mismatch.sum())} "
+                         f"position(s), the first at sample {sample}, token {token}")
+    return proxy, target
+
+
+def _pair_names(source: str, batch: int | None = None) -> tuple[str, str]:
+    """How messages name the two sides of the data given as ``source`` (``"proxy_scores"`` for the
+    training data, or ``"val_data"``), of its batch ``batch`` for an iterable."""
+    prefix = "" if source == "proxy_scores" else f"{source}: "
+    where = "" if batch is None else f" (batch {batch})"
+    return f"{prefix}proxy_scores{where}", f"{prefix}target_scores{where}"
 
 
 class _TensorData:
-    """Samples ``indices`` of two in-memory tensors, in batches moved to the aligner's device.
+    """Samples ``indices`` of two checked float32 tensors, in batches moved to the aligner's
+    device.
 
     With a loss, targets come as ``TeacherTargets`` prepared once for all these samples."""
 
@@ -108,26 +132,49 @@ class _TensorData:
 
 
 class _IterableData:
-    """The batches of a re-iterable of ``(proxy, target)`` pairs whose index passes ``keep``,
-    validated as they come and moved to the aligner's device."""
+    """The batches of a re-iterable of ``(proxy, target)`` pairs whose index passes ``keep``, as
+    float32 on the aligner's device. Their values were checked by ``_check_batches``; each pass
+    checks shapes and dtypes again (a ``DataLoader`` may build new tensors every time)."""
 
-    def __init__(self, aligner: Aligner, source: Iterable, keep: Callable[[int], bool]):
-        self.aligner, self.source, self.keep = aligner, source, keep
+    def __init__(self, aligner: Aligner, source: Iterable, name: str, count: int,
+                 keep: Callable[[int], bool] = lambda index: True):
+        self.aligner, self.source, self.name, self.keep = aligner, source, name, keep
+        self.count = count  # batches on the checking pass, before ``keep``
 
     def batches(self, generator: torch.Generator | None = None,
                 loss: MultiGranularityLoss | None = None) -> Iterator[Batch]:
         device = _device_of(self.aligner)
         for index, item in enumerate(self.source):
-            if not self.keep(index):
-                continue
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(f"each batch must be a (proxy_scores, target_scores) pair, got "
-                                f"{type(item).__name__} at batch {index}")
-            check_pair(self.aligner, item[0], item[1], where=f" (batch {index})")
-            yield item[0].to(device), item[1].to(device)
+            if self.keep(index):
+                proxy, target = _check_batch(self.aligner, self.name, index, item,
+                                             check_values=False)
+                yield proxy.to(device), target.to(device)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches()
+
+    def subset(self, keep: Callable[[int], bool]) -> _IterableData:
+        return _IterableData(self.aligner, self.source, self.name, self.count, keep)
+
+
+def _check_batch(aligner: Aligner, name: str, index: int, item, *, check_values: bool) -> Batch:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise TypeError(f"each batch must be a (proxy_scores, target_scores) pair, got "
+                        f"{type(item).__name__} at batch {index} of {name}")
+    return check_pair(aligner, item[0], item[1], _pair_names(name, index), samples="B",
+                      check_values=check_values)
+
+
+def _check_batches(aligner: Aligner, source: Iterable, name: str) -> int:
+    """The checking pass over an iterable of batches: every batch in full; returns their count."""
+    count = 0
+    for index, item in enumerate(source):
+        _check_batch(aligner, name, index, item, check_values=True)
+        count += 1
+    if count == 0:
+        raise ValueError(f"{name} yielded no batch; it needs at least one (proxy_scores, "
+                         f"target_scores) pair")
+    return count
 
 
 _Data = _TensorData | _IterableData
@@ -135,19 +182,19 @@ _Data = _TensorData | _IterableData
 
 def _as_data(aligner: Aligner, proxy_scores, target_scores, batch_size: int,
              name: str) -> _Data:
-    """All of ``proxy_scores``/``target_scores`` (tensors or an iterable of pairs) as one source."""
+    """All of ``proxy_scores``/``target_scores`` (tensors or an iterable of pairs) as one source,
+    checked in full (an iterable on a pass of its own)."""
     if isinstance(proxy_scores, torch.Tensor):
         if target_scores is None:
             raise ValueError(f"{name}: target_scores is required when proxy_scores is a tensor")
-        check_pair(aligner, proxy_scores, target_scores)
-        return _TensorData(aligner, proxy_scores, target_scores,
-                           torch.arange(proxy_scores.shape[0]), batch_size)
+        proxy, target = check_pair(aligner, proxy_scores, target_scores, _pair_names(name))
+        return _TensorData(aligner, proxy, target, torch.arange(proxy.shape[0]), batch_size)
     if target_scores is not None:
         raise TypeError(f"{name}: with target_scores given, proxy_scores must be a tensor, got "
                         f"{type(proxy_scores).__name__}; pass an iterable of (proxy, target) "
                         f"pairs alone instead")
     _check_reiterable(name, proxy_scores)
-    return _IterableData(aligner, proxy_scores, lambda index: True)
+    return _IterableData(aligner, proxy_scores, name, _check_batches(aligner, proxy_scores, name))
 
 
 def _check_reiterable(name: str, source) -> None:
@@ -176,23 +223,37 @@ def _split(aligner: Aligner, proxy_scores, target_scores, val_fraction: float, v
     if isinstance(data, _TensorData):
         samples = len(data.indices)
         held = round(val_fraction * samples)
-        if samples < 2 or held < 1 or held >= samples:
+        if not 1 <= held < samples:
             raise ValueError(f"val_fraction={val_fraction} of {samples} sample(s) leaves no "
-                             f"held-out or no training sample; pass more samples, val_data, or "
-                             f"val_fraction=0")
+                             f"held-out or no training sample; it needs at least "
+                             f"{_samples_for_split(val_fraction)} samples; pass more samples, "
+                             f"val_data, or val_fraction=0")
         order = torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
         return (_TensorData(aligner, data.proxy, data.target, order[held:], batch_size),
                 _TensorData(aligner, data.proxy, data.target, order[:held], batch_size),
                 "held_out")
     # Every period-th batch is held out (deterministic, whatever order the iterable has).
     period = max(2, round(1 / val_fraction))
+    if data.count < period:
+        raise ValueError(f"val_fraction={val_fraction} holds out one batch in every {period}, but "
+                         f"proxy_scores yielded {data.count} batch(es); it needs at least "
+                         f"{period}; pass more batches, val_data, or val_fraction=0")
 
     def held_out_batch(index: int) -> bool:
         return index % period == period - 1
 
-    train = _IterableData(aligner, data.source, lambda index: not held_out_batch(index))
-    held_out = _IterableData(aligner, data.source, held_out_batch)
-    return train, held_out, "held_out"
+    return (data.subset(lambda index: not held_out_batch(index)), data.subset(held_out_batch),
+            "held_out")
+
+
+def _samples_for_split(val_fraction: float) -> int:
+    """The fewest samples that ``round(val_fraction * N)`` splits into a held-out and a training
+    part, both non-empty."""
+    # Each part needs at least half a sample before rounding: a lower bound, then count up.
+    samples = max(2, math.floor(0.5 / val_fraction), math.floor(0.5 / (1 - val_fraction)))
+    while not 1 <= round(val_fraction * samples) < samples:
+        samples += 1
+    return samples
 
 
 @torch.no_grad()
@@ -205,10 +266,19 @@ def evaluate_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
     * ``global_recall@r``: the same with one budget per sample across layers and heads;
     * ``spearman``: mean per-head Spearman correlation (undefined heads skipped);
     * ``loss``: mean of ``loss`` over batches, when given.
+
+    The data is checked as by ``fit_aligner`` (see the module docstring) before the first batch.
     """
+    _check_aligner(aligner)
     check_int("batch_size", batch_size, minimum=1)
+    keep_ratios = check_keep_ratios(keep_ratios)
     data = _as_data(aligner, proxy_scores, target_scores, batch_size, "proxy_scores")
-    return _evaluate(aligner, data, tuple(keep_ratios), loss)
+    return _evaluate(aligner, data, keep_ratios, loss)
+
+
+def _check_aligner(aligner) -> None:
+    if not isinstance(aligner, Aligner):
+        raise TypeError(f"aligner must be a proxykv.align.Aligner, got {type(aligner).__name__}")
 
 
 @torch.no_grad()
@@ -293,7 +363,9 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
             ``"gradient"`` (Adam) or ``"closed_form"`` (ridge regression; ``linear`` only).
         val_fraction: share of the samples (tensors, split with ``seed``) or of the batches (every
             ``round(1/val_fraction)``-th batch of an iterable) held out for early stopping and the
-            returned metrics; 0 trains on everything and reports training metrics.
+            returned metrics; 0 trains on everything and reports training metrics. A split
+            that leaves either part empty raises ``ValueError`` saying how many samples or
+            batches it needs, before any training step.
         val_data: explicit held-out data (a ``(proxy, target)`` pair of tensors or an iterable of
             pairs); overrides ``val_fraction``.
         epochs, batch_size, lr, weight_decay, grad_clip: the gradient fit (Adam, gradient-norm
@@ -310,9 +382,13 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
     Returns:
         ``FitResult``; ``result.metrics`` holds ``recall@0.1/0.3/0.5``, ``global_recall@…``,
         ``spearman`` and ``loss`` (see ``evaluate_aligner``).
+
+    Raises:
+        TypeError, ValueError: for bad arguments, and for bad data (NaN or ``+inf`` scores, empty
+        data, mismatched shapes or ``-inf`` masks; see the module docstring), all before any
+        training step.
     """
-    if not isinstance(aligner, Aligner):
-        raise TypeError(f"aligner must be a proxykv.align.Aligner, got {type(aligner).__name__}")
+    _check_aligner(aligner)
     check_choice("method", method, FIT_METHODS)
     val_fraction = check_float("val_fraction", val_fraction, minimum=0.0, maximum=1.0,
                                meaning="the share of the data held out")
@@ -331,7 +407,7 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
     if not isinstance(loss, MultiGranularityLoss):
         raise TypeError(f"loss must be a proxykv.align.MultiGranularityLoss, got "
                         f"{type(loss).__name__}")
-    keep_ratios = tuple(keep_ratios)
+    keep_ratios = check_keep_ratios(keep_ratios)
     has_parameters = any(p.requires_grad for p in aligner.parameters())
     if method == "closed_form" and not aligner.supports_closed_form:
         raise ValueError(f"method='closed_form' needs an aligner with a closed-form fit (e.g. "

@@ -6,16 +6,16 @@ Registry::
     selection = policy.select(scores, keep_ratio=0.1)
 
 Policies compose from building blocks (see ``proxykv.policies.base``): protection (``protect`` /
-``sink_recent``), scoring transforms (``Pooled``, ``Recency``) and allocations (``UniformTopK``,
-``HeadBudget``, ``Pyramid``, ``Threshold``), e.g.
-``protect(get_policy("head_budget", alpha=0.2), n_sink=4, n_recent=64)``.
+``sink_recent``; ``RecentWindow`` for the policies that take a ``window``), scoring transforms
+(``Pooled``, ``Recency``) and allocations (``UniformTopK``, ``HeadBudget``, ``Pyramid``,
+``Threshold``), e.g. ``protect(get_policy("head_budget", alpha=0.2), n_sink=4, n_recent=64)``.
 """
 
 from proxykv.policies.base import Policy, Wrapper
 from proxykv.policies.budget import keep_ratio_to_budget
 from proxykv.policies.head_budget import HEAD_BUDGET_SCOPES, HeadBudget
 from proxykv.policies.pooled import Pooled
-from proxykv.policies.protection import Protected, Recency, protect
+from proxykv.policies.protection import Protected, RecentWindow, Recency, protect
 from proxykv.policies.pyramid import Pyramid
 from proxykv.policies.ranking import top_count_mask
 from proxykv.policies.registry import (
@@ -34,6 +34,7 @@ __all__ = [
     "Pooled",
     "Protected",
     "Pyramid",
+    "RecentWindow",
     "Recency",
     "Threshold",
     "UniformTopK",

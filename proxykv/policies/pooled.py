@@ -8,7 +8,7 @@ from proxykv._backend import IMPLS
 from proxykv._validation import check_choice, check_int
 from proxykv.kernels import POOL_MODES, pool_scores
 from proxykv.policies.base import Policy, Wrapper
-from proxykv.policies.protection import Protected
+from proxykv.policies.protection import RecentWindow
 from proxykv.policies.registry import register_policy
 from proxykv.policies.uniform import UniformTopK
 
@@ -49,5 +49,5 @@ def pooled_window(window: int = 32, kernel_size: int = 5, mode: str = "avg",
     backend (``"triton"``, ``"torch"``, None = automatic).
     """
     chooser = UniformTopK() if inner is None else inner
-    return Protected(Pooled(chooser, kernel_size=kernel_size, mode=mode, impl=impl),
-                     n_recent=window)
+    return RecentWindow(Pooled(chooser, kernel_size=kernel_size, mode=mode, impl=impl),
+                        window=window)

@@ -4,7 +4,8 @@
 ``n_recent`` positions are always kept and the wrapped policy chooses the rest of the **same**
 budget among the other positions (it sees them as ``-inf``). ``sink_recent`` is the same wrapper,
 registered: with no ``inner`` policy it fills the rest of the budget with the most recent
-positions, which is StreamingLLM.
+positions, which is StreamingLLM. ``RecentWindow`` is the protection of the policies that take a
+``window`` (``pooled_window``, ``threshold``), so their messages and repr name ``window``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ class Protected(Wrapper):
 
     def check_seq_len(self, seq_len: int) -> None:
         if self.n_sink + self.n_recent > seq_len:
-            raise ValueError(f"n_sink={self.n_sink} + n_recent={self.n_recent} protected positions "
-                             f"exceed the T={seq_len} positions of the scores")
+            # Named as the caller named them (_params), e.g. "window=40" for RecentWindow.
+            sizes = " + ".join(f"{key}={value}" for key, value in self._params().items()
+                               if key != "inner")
+            raise ValueError(f"{sizes} protected positions exceed the T={seq_len} positions of "
+                             "the scores")
         self.inner.check_seq_len(seq_len)
 
     def protected_positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -53,6 +57,17 @@ class Protected(Wrapper):
         inner_budget = None if row_budget is None else row_budget - protected.sum(-1)
         inner_mask = self.inner.keep_mask(scores.masked_fill(pattern, float("-inf")), inner_budget)
         return inner_mask | protected
+
+
+class RecentWindow(Protected):
+    """``Protected`` with only a recent window, of ``window`` positions: the last ``window``
+    positions of every head are always kept and ``inner`` chooses the rest of the budget."""
+
+    def __init__(self, inner: Policy, window: int):
+        super().__init__(inner, n_recent=check_int("window", window, minimum=0))
+
+    def _params(self) -> dict:
+        return {"window": self.n_recent, "inner": self.inner}
 
 
 class Recency(Wrapper):

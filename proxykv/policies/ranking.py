@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import torch
 
+from proxykv._validation import INDEX_DTYPES, as_score_tensor, check_same_device, check_tensor
+
 
 def top_count_mask(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bool ``[R, N]``: the ``counts[r]`` best entries of each row of float32 ``rows [R, N]``.
+    """bool ``[R, N]``: the ``counts[r]`` best entries of each row of ``rows [R, N]``.
 
-    ``counts``: int64 ``[R]``, ``>= 0``. Vectorised over rows (one ``topk`` for all of them, then
-    comparisons against each row's cut value); syncs the device once to size the ``topk``.
+    ``rows``: float32 (or float64, read as float32), every dimension >= 1, no NaN (not checked:
+    it costs a sync). ``counts``: int32/int64 ``[R]``, ``>= 0``, on the device of ``rows``.
+    Vectorised over rows (one ``topk`` for all of them, then comparisons against each row's cut
+    value); syncs the device once to size the ``topk``.
     """
+    rows = as_score_tensor("rows", rows, ndim=2, layout="[R, N]")
+    check_tensor("counts", counts, dtypes=INDEX_DTYPES)
+    check_same_device(rows=rows, counts=counts)
+    if counts.shape != rows.shape[:1]:
+        raise ValueError(f"counts must have shape [R] = {tuple(rows.shape[:1])}, got "
+                         f"{tuple(counts.shape)}")
     valid = rows > float("-inf")
-    counts = torch.minimum(counts, valid.sum(-1))
+    counts = torch.minimum(counts.long(), valid.sum(-1))
     largest, smallest = torch.stack([counts.max(), counts.min()]).tolist()
+    if smallest < 0:
+        raise ValueError(f"counts must be >= 0, got a minimum of {smallest}")
     if largest == 0:
         return torch.zeros_like(valid)
     if largest == smallest:

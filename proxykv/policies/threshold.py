@@ -7,7 +7,7 @@ import torch
 
 from proxykv._validation import check_float, check_int
 from proxykv.policies.base import Policy
-from proxykv.policies.protection import Protected
+from proxykv.policies.protection import RecentWindow
 from proxykv.policies.ranking import top_count_mask
 from proxykv.policies.registry import register_policy
 
@@ -51,4 +51,4 @@ def threshold(tau: float, min_per_head: int = 0, window: int = 0) -> Policy:
     the mean count kept."""
     check_int("window", window, minimum=0)
     chooser = Threshold(tau, min_per_head=min_per_head)
-    return Protected(chooser, n_recent=window) if window else chooser
+    return RecentWindow(chooser, window=window) if window else chooser

@@ -7,7 +7,8 @@ when kernels are defined, and the compiler cannot run on interpreted definitions
     python -m proxykv.testing.compile_check [--arch 90 --arch 80] [--jobs N]
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
-memory), ``shared_limit``, ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``.
+memory), ``shared_limit``, ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
+on stdout, and a progress line per variant (``[k/n] name sm_90 ok``) on stderr, as each finishes.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         results = map(_compile_by_index, jobs)
     else:
         results = ProcessPoolExecutor(max_workers=args.jobs).map(_compile_by_index, jobs)
-    for result in results:
+    for done, result in enumerate(results, 1):
         print(json.dumps(result), flush=True)
+        status = "ok" if result["ok"] else "FAILED"
+        print(f"[{done}/{len(jobs)}] {result['name']} sm_{result['arch']} {status}",
+              file=sys.stderr, flush=True)
     return 0
 
 

@@ -5,13 +5,18 @@ each GQA group to their KV head (``reduce_heads``), smooth along the sequence (`
 ``proxykv.kernels.pool``), normalise each row (``normalize_scores``) — or all three in one pass
 (``aggregate_scores``) — and mix scores across layers (``combine_layers``, for aligners).
 
-Scores are float32, larger = more important, ``-inf`` = invalid position. The -inf rules, in one
+Scores are float32 (float64 is accepted and read as float32; see ``as_score_tensor`` for the
+input checks), larger = more important, ``-inf`` = invalid position. The infinity rules, in one
 place:
 
 * ``reduce_heads``: an output position is ``-inf`` exactly when every head of the group is ``-inf``
   there. ``"max"`` takes the maximum; ``"mean"`` averages the heads that are not ``-inf`` (a head
-  that cannot see a position neither votes nor drags the mean down).
-* ``normalize_scores``: ``-inf`` stays ``-inf`` and is left out of the row's sum/max.
+  that cannot see a position neither votes nor drags the mean down), so it is ``+inf`` where a head
+  that sees the position is ``+inf``.
+* ``normalize_scores``: ``-inf`` stays ``-inf`` and is left out of the row's sum/max. A row holding
+  ``+inf`` (given, or produced by the group mean or pooling) normalises to its limit: ``"sum"``
+  gives each ``+inf`` entry ``1 / (number of +inf entries in the row)``, ``"max"`` gives them 1,
+  and every finite entry becomes 0. Never NaN from non-NaN input.
 * ``combine_layers``: ``-inf`` where any layer with a non-zero weight is ``-inf``.
 """
 
@@ -21,9 +26,9 @@ import torch
 
 from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
+    as_score_tensor,
     check_choice,
     check_dim,
-    check_has_positions,
     check_int,
     check_same_device,
     check_tensor,
@@ -48,15 +53,16 @@ NORMALIZE_MODES = ("sum", "max", "none")
 _TRITON = "proxykv.kernels.aggregate.triton_impl"
 
 
-def _check_grouped_scores(scores, group_size) -> None:
-    check_tensor("scores", scores, min_ndim=2, layout="[..., H_q, T]", dtypes=(torch.float32,))
+def _grouped_scores(scores, group_size) -> torch.Tensor:
+    """Checked float32 ``scores [..., H_q, T]`` whose heads split into groups of ``group_size``."""
+    scores = as_score_tensor("scores", scores, min_ndim=2, layout="[..., H_q, T]")
     check_int("group_size", group_size, minimum=1)
-    check_has_positions("scores", scores)
     heads = scores.shape[-2]
     if heads % group_size != 0:
         raise ValueError(
             f"group_size={group_size} must divide the number of query heads H_q={heads} "
             f"(scores.shape[-2]; scores has shape {tuple(scores.shape)})")
+    return scores
 
 
 def reduce_heads(
@@ -69,10 +75,11 @@ def reduce_heads(
     """Reduce each GQA group of query heads to one score row per KV head.
 
     Args:
-        scores: float32 ``[..., H_q, T]``, any strides, ``T >= 1``. The leading dimensions are
-            carried through (``[B, H_q, T]``, ``[B, L, H_q, T]`` …); with ``impl="triton"``, up to
-            three leading dimensions *including* ``H_q / group_size`` that cannot be merged into one
-            stride are supported (any ``[B, L, H_q, T]`` layout is).
+        scores: float32 (or float64, read as float32) ``[..., H_q, T]``, any strides, every
+            dimension >= 1, on a CPU or CUDA device. The leading dimensions are carried through
+            (``[B, H_q, T]``, ``[B, L, H_q, T]`` …); with ``impl="triton"``, up to three leading
+            dimensions *including* ``H_q / group_size`` that cannot be merged into one stride are
+            supported (any ``[B, L, H_q, T]`` layout is).
         group_size: ``H_q // H_kv``, int >= 1 dividing ``H_q``. Query head ``h`` belongs to group
             (KV head) ``h // group_size``.
         mode: ``"mean"`` — mean over the group's heads that are not ``-inf`` at the position;
@@ -81,11 +88,15 @@ def reduce_heads(
 
     Returns:
         float32 ``[..., H_q // group_size, T]``, contiguous, on the device of ``scores``. A position
-        is ``-inf`` exactly when it is ``-inf`` for every head of the group.
+        is ``-inf`` exactly when it is ``-inf`` for every head of the group, and ``+inf`` when a
+        head that is not ``-inf`` there is ``+inf`` (never NaN from non-NaN input).
 
-    Not checked (costs a device sync): NaN or ``+inf`` entries; their result is unspecified.
+    Raises:
+        TypeError / ValueError: see ``as_score_tensor``; a bad ``group_size``, ``mode``, ``impl``.
+
+    Not checked (costs a device sync): NaN entries; they propagate.
     """
-    _check_grouped_scores(scores, group_size)
+    scores = _grouped_scores(scores, group_size)
     check_choice("mode", mode, GROUP_MODES)
     _, run = dispatch("reduce_heads", impl, scores.device)
     return run(scores, group_size, mode)
@@ -100,8 +111,9 @@ def normalize_scores(
     """Normalise each row of scores along its last axis (T).
 
     Args:
-        scores: float32 ``[..., T]``, any strides, ``T >= 1`` (up to three unmergeable leading
-            dimensions with ``impl="triton"``, as for ``pool_scores``).
+        scores: float32 (or float64, read as float32) ``[..., T]``, any strides, every dimension
+            >= 1, on a CPU or CUDA device (up to three unmergeable leading dimensions with
+            ``impl="triton"``, as for ``pool_scores``).
         mode: ``"sum"`` — divide the row by the sum of the absolute values of its valid entries
             (L1; for non-negative scores such as attention mass the row then sums to 1);
             ``"max"`` — divide by the largest absolute value of its valid entries (L∞; the largest
@@ -113,13 +125,18 @@ def normalize_scores(
         float32 tensor with the shape of ``scores``, contiguous. ``-inf`` entries stay ``-inf`` and
         take no part in the sum/max. A row whose divisor is 0 — all its valid entries are 0, or
         it has none (fully ``-inf``) — is returned unchanged (zeros stay zeros, ``-inf`` stays
-        ``-inf``); no NaN is ever produced from finite input.
+        ``-inf``). A row holding ``+inf`` normalises to its limit: ``"sum"`` gives each ``+inf``
+        entry ``1 / (number of +inf entries in the row)``, ``"max"`` gives them 1, and every
+        finite entry becomes 0. No NaN is ever produced from non-NaN input.
 
-    Not checked: NaN or ``+inf`` entries, and rows whose sum of magnitudes overflows float32.
+    Raises:
+        TypeError / ValueError: see ``as_score_tensor``; a bad ``mode`` or ``impl``.
+
+    Not checked (costs a device sync): NaN entries (they propagate through their row), and rows
+    whose sum of finite magnitudes overflows float32 (their result is unspecified).
     """
-    check_tensor("scores", scores, min_ndim=1, layout="[..., T]", dtypes=(torch.float32,))
+    scores = as_score_tensor("scores", scores, min_ndim=1, layout="[..., T]")
     check_choice("mode", mode, NORMALIZE_MODES)
-    check_has_positions("scores", scores)
     _, run = dispatch("normalize_scores", impl, scores.device)
     return run(scores, mode)
 
@@ -147,7 +164,8 @@ def aggregate_scores(
     a ``[rows, T / 1024]`` buffer of per-tile partial sums.
 
     Args:
-        scores: float32 ``[..., H_q, T]``, any strides, ``T >= 1`` (see ``reduce_heads``).
+        scores: float32 (or float64, read as float32) ``[..., H_q, T]``, any strides, every
+            dimension >= 1 (see ``reduce_heads``).
         group_size: int >= 1 dividing ``H_q``; 1 skips the group reduction.
         group_mode: ``"mean"`` or ``"max"`` (see ``reduce_heads``).
         pool_kernel_size: odd int >= 1, centred window along T (see ``pool_scores``); 1 skips
@@ -158,11 +176,16 @@ def aggregate_scores(
 
     Returns:
         float32 ``[..., H_q // group_size, T]``, contiguous. A position is ``-inf`` exactly when it
-        is ``-inf`` for every head of its group.
+        is ``-inf`` for every head of its group. ``+inf`` follows the rules of the three ops (see
+        the module docstring): a row that holds ``+inf`` after pooling normalises to its limit.
 
-    Not checked: NaN or ``+inf`` entries.
+    Raises:
+        TypeError / ValueError: see ``as_score_tensor``; a bad ``group_size``, mode, window or
+        ``impl``.
+
+    Not checked (costs a device sync): NaN entries; they propagate.
     """
-    _check_grouped_scores(scores, group_size)
+    scores = _grouped_scores(scores, group_size)
     check_choice("group_mode", group_mode, GROUP_MODES)
     check_int("pool_kernel_size", pool_kernel_size, minimum=1, odd=True)
     check_choice("pool_mode", pool_mode, POOL_MODES)
@@ -180,7 +203,8 @@ def combine_layers(
     """Weighted sum over layers at every (batch, head, position): ``out[:, o] = Σ_i w[o, i] s[:, i]``.
 
     Args:
-        scores: float32 ``[B, L_in, H, T]``, any strides, ``T >= 1``.
+        scores: float32 (or float64, read as float32) ``[B, L_in, H, T]``, any strides, every
+            dimension >= 1, on a CPU or CUDA device.
         weights: float32 ``[L_out, L_in]``, any strides, on the device of ``scores``; any sign.
         impl: ``"triton"``, ``"torch"`` or None.
 
@@ -190,12 +214,17 @@ def combine_layers(
         either sign); a layer whose weight is exactly 0 takes no part, even where it is ``-inf``.
         A row of ``weights`` that is all zero therefore gives 0 at every position.
 
-    Not checked (costs a device sync): NaN or infinite weights, NaN or ``+inf`` scores.
+    Raises:
+        TypeError / ValueError: see ``as_score_tensor``; ``weights`` not float32 ``[L_out, L_in]``
+        with ``L_out >= 1`` on the device of ``scores``.
+
+    Not checked (costs a device sync): NaN or infinite weights, NaN or ``+inf`` scores (``+inf``
+    times a negative weight reads as an invalid ``-inf``; mixed with weights of both signs it
+    gives NaN).
     """
-    check_tensor("scores", scores, ndim=4, layout="[B, L_in, H, T]", dtypes=(torch.float32,))
+    scores = as_score_tensor("scores", scores, ndim=4, layout="[B, L_in, H, T]")
     check_tensor("weights", weights, ndim=2, layout="[L_out, L_in]", dtypes=(torch.float32,))
     check_same_device(scores=scores, weights=weights)
-    check_has_positions("scores", scores)
     check_dim("weights", weights, 1, scores.shape[1], "the number of input layers L_in")
     if weights.shape[0] == 0:
         raise ValueError(f"weights must have at least one output layer (L_out >= 1), got shape "

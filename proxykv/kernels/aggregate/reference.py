@@ -46,7 +46,14 @@ def normalize_scores_reference(scores: torch.Tensor, mode: str) -> torch.Tensor:
         else magnitude.amax(-1, keepdim=True)
     # A row with nothing to scale by (all valid entries zero, or none valid) is left as it is.
     divisor = torch.where(divisor == 0, 1.0, divisor)
-    return torch.where(valid, x / divisor, NEG_INF).float()
+    scaled = torch.where(valid, x / divisor, NEG_INF)
+    # A row holding +inf takes its limit: the +inf entries share (sum) or reach (max) 1, the
+    # finite ones vanish next to them.
+    infinite = x == float("inf")
+    n_infinite = infinite.sum(-1, keepdim=True).double()
+    share = 1.0 / n_infinite if mode == "sum" else torch.ones_like(n_infinite)
+    limit = torch.where(infinite, share, torch.where(valid, 0.0, NEG_INF))
+    return torch.where(n_infinite > 0, limit, scaled).float()
 
 
 def aggregate_scores_reference(scores: torch.Tensor, group_size: int, group_mode: str,

@@ -3,7 +3,7 @@
 Memory: every temporary is at most the size of one input or output tensor: ``reduce_heads``'
 temporaries are output-sized (plus the positions where only part of a group is ``-inf``), and
 ``combine_layers`` works on ``COMBINE_CHUNK`` positions at a time so its temporaries stay bounded
-for 128k-token inputs. The ``.any()`` checks that skip the ``-inf`` fix-ups synchronise a CUDA
+for 128k-token inputs. The ``.any()`` checks that skip the infinity fix-ups synchronise a CUDA
 device; this implementation is meant for the CPU.
 """
 
@@ -26,10 +26,11 @@ def reduce_heads_torch(scores: torch.Tensor, group_size: int, mode: str) -> torc
     grouped = scores.unflatten(-2, (scores.shape[-2] // group_size, group_size))
     if mode == "max":
         return grouped.amax(dim=-2).contiguous()
-    # A plain mean is -inf exactly where some head of the group is -inf. Those positions (usually
-    # padding, invalid for every head) are few: recompute only them as the mean over valid heads.
+    # A plain mean is -inf where some head of the group is -inf (NaN where another head is +inf).
+    # Those positions (usually padding, invalid for every head) are few: recompute only them as
+    # the mean over the heads that see the position.
     reduced = grouped.mean(dim=-2).contiguous()
-    partial = torch.isneginf(reduced)
+    partial = torch.isneginf(reduced) | torch.isnan(reduced)
     if bool(partial.any()):
         members = grouped.movedim(-2, -1)[partial]          # [n_partial, group_size]
         invalid = torch.isneginf(members)
@@ -47,8 +48,16 @@ def normalize_rows_(scores: torch.Tensor, mode: str) -> torch.Tensor:
     divisor = magnitude.sum(-1, keepdim=True) if mode == "sum" \
         else magnitude.amax(-1, keepdim=True)
     divisor.masked_fill_(divisor == 0, 1.0)
-    # divisor > 0, so -inf entries stay -inf.
-    return scores.div_(divisor)
+    infinite = torch.isposinf(scores)
+    if not bool(infinite.any()):
+        # 0 < divisor < inf, so -inf entries stay -inf.
+        return scores.div_(divisor)
+    # A row holding +inf has divisor +inf (inf / inf and -inf / inf would be NaN): it takes its
+    # limit instead, the +inf entries sharing (sum) or reaching (max) 1, the finite ones 0.
+    n_infinite = infinite.sum(-1, keepdim=True).to(torch.float32)
+    share = n_infinite.reciprocal() if mode == "sum" else torch.ones_like(n_infinite)
+    limit = torch.where(infinite, share, torch.where(torch.isneginf(scores), NEG_INF, 0.0))
+    return scores.copy_(torch.where(n_infinite > 0, limit, scores / divisor))
 
 
 def normalize_scores_torch(scores: torch.Tensor, mode: str) -> torch.Tensor:

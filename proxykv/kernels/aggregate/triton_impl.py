@@ -8,9 +8,10 @@ group's heads at each shifted tile; those re-reads hit L1/L2, so DRAM traffic st
 scores (plus a halo of ``kernel_size // 2`` positions per tile) and one write of the result.
 
 Row normalisation needs the whole row's sum or max, and a 128k-token row does not fit on chip, so
-it takes two launches: the first writes, per (row, tile), the partial statistic of its tile to a
-small ``[rows, tiles]`` buffer (no atomics: the result is deterministic); the second
-(``normalize_scores_fwd_kernel``) folds the row's partials and scales its tile. In
+it takes two launches: the first writes, per (row, tile), the partial statistic of its tile and
+its count of ``+inf`` entries to two small ``[rows, tiles]`` buffers (no atomics: the result is
+deterministic); the second (``normalize_scores_fwd_kernel``) folds the row's partials and scales
+its tile — or, in a row that holds ``+inf``, writes the row's limit (see ``api.py``). In
 ``aggregate_scores`` the second pass rescales the (group-size times smaller) output in place.
 
 ``combine_layers_fwd_kernel``: one program per (tile, batch·head, block of output layers) keeps a
@@ -19,6 +20,8 @@ once for up to ``MAX_BLOCK_OUT`` output layers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -68,6 +71,7 @@ def aggregate_scores_fwd_kernel(
     scores_ptr,
     out_ptr,
     partials_ptr,
+    n_infinite_ptr,
     rows_1,
     rows_2,
     stride_r0,
@@ -86,7 +90,8 @@ def aggregate_scores_fwd_kernel(
     GROUP_BLOCK: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    # POOL: 0 none, 1 max, 2 avg over the window's valid entries. STAT: 0 none, 1 sum|x|, 2 max|x|.
+    # POOL: 0 none, 1 max, 2 avg over the window's valid entries. STAT: 0 none, 1 sum|x|, 2 max|x|
+    # (each with the tile's count of +inf entries).
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1).to(tl.int64)
     row_ptr = row_start(scores_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2)
@@ -127,6 +132,8 @@ def aggregate_scores_fwd_kernel(
         else:
             partial = tl.max(magnitude, axis=0)
         tl.store(partials_ptr + row * n_tiles + tile, partial)
+        n_infinite = tl.sum((result == float("inf")).to(tl.int32), axis=0)
+        tl.store(n_infinite_ptr + row * n_tiles + tile, n_infinite)
     if STORE_OUT:
         tl.store(out_ptr + row * length + positions, result, mask=in_row)
 
@@ -136,6 +143,7 @@ def normalize_scores_fwd_kernel(
     src_ptr,
     out_ptr,
     partials_ptr,
+    n_infinite_ptr,
     rows_1,
     rows_2,
     stride_r0,
@@ -153,6 +161,7 @@ def normalize_scores_fwd_kernel(
     # Every tile of the row folds the row's partials itself: a few hundred bytes, cached, and it
     # saves a launch.
     folded = tl.zeros([BLOCK_TILES], tl.float32)
+    folded_infinite = tl.zeros([BLOCK_TILES], tl.int32)
     for first in range(0, n_tiles, BLOCK_TILES):
         tiles = first + tl.arange(0, BLOCK_TILES)
         partial = tl.load(partials_ptr + row * n_tiles + tiles, mask=tiles < n_tiles, other=0.0)
@@ -160,14 +169,25 @@ def normalize_scores_fwd_kernel(
             folded += partial
         else:
             folded = tl.maximum(folded, partial)
+        folded_infinite += tl.load(n_infinite_ptr + row * n_tiles + tiles, mask=tiles < n_tiles,
+                                   other=0)
     divisor = tl.sum(folded, axis=0) if IS_SUM else tl.max(folded, axis=0)
     divisor = tl.where(divisor > 0.0, divisor, 1.0)
+    n_infinite = tl.sum(folded_infinite, axis=0)
 
     row_ptr = row_start(src_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2)
     positions = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_row = positions < length
     x = tl.load(row_ptr + positions * stride_t, mask=in_row, other=float("-inf"))
     scaled = tl.where(x != float("-inf"), x / divisor, float("-inf"))
+    # A row holding +inf has divisor +inf: it takes its limit instead, the +inf entries sharing
+    # (sum) or reaching (max) 1, the finite ones 0.
+    if IS_SUM:
+        share = 1.0 / tl.maximum(n_infinite, 1).to(tl.float32)
+    else:
+        share = 1.0
+    limit = tl.where(x == float("inf"), share, tl.where(x != float("-inf"), 0.0, float("-inf")))
+    scaled = tl.where(n_infinite > 0, limit, scaled)
     tl.store(out_ptr + row * length + positions, scaled, mask=in_row)
 
 
@@ -228,29 +248,43 @@ def _group_leaders(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return grouped.select(-2, 0)
 
 
+class _RowStatistics(NamedTuple):
+    """What the first pass leaves for the normalisation pass: per (row, tile) the partial sum/max
+    of magnitudes and the count of ``+inf`` entries (``[rows, tiles]`` each), and the tiling."""
+
+    partials: torch.Tensor
+    n_infinite: torch.Tensor
+    block_t: int
+    n_tiles: int
+
+
 def _launch_aggregate(scores: torch.Tensor, group_size: int, group_mode: str,
                       pool_kernel_size: int, pool_mode: str | None, stat: str,
-                      store_out: bool) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
-    """First pass; returns ``(out, partials, block_t, n_tiles)``. Without ``store_out`` no output
-    is allocated (``out`` is None); with ``stat == "none"`` ``partials`` is an unused 1-element
-    placeholder."""
+                      store_out: bool) -> tuple[torch.Tensor | None, _RowStatistics]:
+    """First pass; returns ``(out, statistics)``. Without ``store_out`` no output is allocated
+    (``out`` is None); with ``stat == "none"`` the statistics buffers are unused 1-element
+    placeholders."""
     leaders = _group_leaders(scores, group_size)
     length = scores.shape[-1]
     block_t = _block_t(length)
     n_tiles = triton.cdiv(length, block_t)
     n_rows = leaders.numel() // length
-    partials = torch.empty((n_rows, n_tiles) if stat != "none" else (1,), dtype=torch.float32,
-                           device=scores.device)
+    stat_shape = (n_rows, n_tiles) if stat != "none" else (1,)
+    statistics = _RowStatistics(
+        partials=torch.empty(stat_shape, dtype=torch.float32, device=scores.device),
+        n_infinite=torch.empty(stat_shape, dtype=torch.int32, device=scores.device),
+        block_t=block_t, n_tiles=n_tiles)
     out = torch.empty(leaders.shape, dtype=torch.float32, device=scores.device) \
         if store_out else None
     if n_rows == 0:
-        return out, partials, block_t, n_tiles
+        return out, statistics
     (_, rows_1, rows_2), (stride_r0, stride_r1, stride_r2) = leading_dims_as_rows(leaders)
     pooling = pool_kernel_size > 1
     aggregate_scores_fwd_kernel[(n_rows, n_tiles)](
         scores_ptr=scores,
-        out_ptr=out if store_out else partials,
-        partials_ptr=partials,
+        out_ptr=out if store_out else statistics.partials,
+        partials_ptr=statistics.partials,
+        n_infinite_ptr=statistics.n_infinite,
         rows_1=rows_1,
         rows_2=rows_2,
         stride_r0=stride_r0,
@@ -270,20 +304,21 @@ def _launch_aggregate(scores: torch.Tensor, group_size: int, group_mode: str,
         BLOCK_T=block_t,
         num_warps=4,
     )
-    return out, partials, block_t, n_tiles
+    return out, statistics
 
 
-def _launch_normalize(src: torch.Tensor, out: torch.Tensor, partials: torch.Tensor, mode: str,
-                      block_t: int, n_tiles: int) -> None:
+def _launch_normalize(src: torch.Tensor, out: torch.Tensor, statistics: _RowStatistics,
+                      mode: str) -> None:
     length = src.shape[-1]
     n_rows = out.numel() // length
     if n_rows == 0:
         return
     (_, rows_1, rows_2), (stride_r0, stride_r1, stride_r2) = leading_dims_as_rows(src)
-    normalize_scores_fwd_kernel[(n_rows, n_tiles)](
+    normalize_scores_fwd_kernel[(n_rows, statistics.n_tiles)](
         src_ptr=src,
         out_ptr=out,
-        partials_ptr=partials,
+        partials_ptr=statistics.partials,
+        n_infinite_ptr=statistics.n_infinite,
         rows_1=rows_1,
         rows_2=rows_2,
         stride_r0=stride_r0,
@@ -291,16 +326,16 @@ def _launch_normalize(src: torch.Tensor, out: torch.Tensor, partials: torch.Tens
         stride_r2=stride_r2,
         stride_t=src.stride(-1),
         length=length,
-        n_tiles=n_tiles,
+        n_tiles=statistics.n_tiles,
         IS_SUM=mode == "sum",
-        BLOCK_T=block_t,
+        BLOCK_T=statistics.block_t,
         BLOCK_TILES=BLOCK_TILES,
         num_warps=4,
     )
 
 
 def reduce_heads_triton(scores: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
-    out, _, _, _ = _launch_aggregate(scores, group_size, mode, 1, None, "none", store_out=True)
+    out, _ = _launch_aggregate(scores, group_size, mode, 1, None, "none", store_out=True)
     return out
 
 
@@ -308,22 +343,21 @@ def normalize_scores_triton(scores: torch.Tensor, mode: str) -> torch.Tensor:
     # As a group of one head, [..., T] is its own row view: insert the head axis.
     as_groups = scores.unsqueeze(-2)
     if mode == "none":
-        out, _, _, _ = _launch_aggregate(as_groups, 1, "max", 1, None, "none", store_out=True)
+        out, _ = _launch_aggregate(as_groups, 1, "max", 1, None, "none", store_out=True)
         return out.squeeze(-2)
-    _, partials, block_t, n_tiles = _launch_aggregate(as_groups, 1, "max", 1, None, mode,
-                                                      store_out=False)
+    _, statistics = _launch_aggregate(as_groups, 1, "max", 1, None, mode, store_out=False)
     out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
-    _launch_normalize(scores, out, partials, mode, block_t, n_tiles)
+    _launch_normalize(scores, out, statistics, mode)
     return out
 
 
 def aggregate_scores_triton(scores: torch.Tensor, group_size: int, group_mode: str,
                             pool_kernel_size: int, pool_mode: str,
                             normalize: str) -> torch.Tensor:
-    out, partials, block_t, n_tiles = _launch_aggregate(
+    out, statistics = _launch_aggregate(
         scores, group_size, group_mode, pool_kernel_size, pool_mode, normalize, store_out=True)
     if normalize != "none":
-        _launch_normalize(out, out, partials, normalize, block_t, n_tiles)
+        _launch_normalize(out, out, statistics, normalize)
     return out
 
 
@@ -365,7 +399,7 @@ def combine_layers_triton(scores: torch.Tensor, weights: torch.Tensor) -> torch.
 
 
 _AGGREGATE_SIGNATURE = {
-    "scores_ptr": "*fp32", "out_ptr": "*fp32", "partials_ptr": "*fp32",
+    "scores_ptr": "*fp32", "out_ptr": "*fp32", "partials_ptr": "*fp32", "n_infinite_ptr": "*i32",
     "rows_1": "i32", "rows_2": "i32",
     "stride_r0": "i64", "stride_r1": "i64", "stride_r2": "i64",
     "stride_head": "i64", "stride_t": "i64",
@@ -409,7 +443,7 @@ COMPILE_SPECS = [
         kernel=normalize_scores_fwd_kernel,
         signature={
             "src_ptr": "*fp32", "out_ptr": "*fp32", "partials_ptr": "*fp32",
-            "rows_1": "i32", "rows_2": "i32",
+            "n_infinite_ptr": "*i32", "rows_1": "i32", "rows_2": "i32",
             "stride_r0": "i64", "stride_r1": "i64", "stride_r2": "i64", "stride_t": "i64",
             "length": "i32", "n_tiles": "i32",
         },

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 
 from proxykv._backend import OpSpec, dispatch, register_op
-from proxykv._validation import (FLOAT_DTYPES, check_choice, check_dim, check_gqa, check_int,
-                                 check_same_device, check_same_dtype, check_tensor)
+from proxykv._validation import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_gqa,
+                                 check_int, check_same_device, check_same_dtype, check_scale,
+                                 check_tensor)
 from proxykv.kernels.aggregate.api import GROUP_MODES
 from proxykv.kernels.attention.reference import attention_scores_reference
 from proxykv.kernels.attention.torch_impl import attention_scores_torch
+from proxykv._validation import check_nonempty
 
 QUERY_REDUCTIONS = ("mean", "sum", "max")
 
@@ -35,10 +37,11 @@ def attention_scores(
     ``max``/``max`` over the context-reconstruction queries; H2O = ``sum``.
 
     Args:
-        q: ``[B, H_q, T_q, D]`` float16/bfloat16/float32, any strides.
+        q: ``[B, H_q, T_q, D]`` float16/bfloat16/float32, any strides, every dimension >= 1.
         k: ``[B, H_kv, T_k, D]``, same dtype and device as ``q``, any strides (never copied on the
-            Triton path). ``H_q % H_kv == 0``; query head ``h`` uses KV head ``h // (H_q // H_kv)``.
-        scale: logit scale, default ``D ** -0.5``.
+            Triton path), every dimension >= 1. ``H_q % H_kv == 0``; query head ``h`` uses KV head
+            ``h // (H_q // H_kv)``.
+        scale: logit scale: None (``D ** -0.5``) or a finite real number > 0.
         causal: query ``i`` sits at absolute position ``q_offset + i`` and sees keys at positions
             ``<= q_offset + i``. Without ``causal`` every query sees every (valid) key.
         q_offset: absolute position of the first query, ``0 <= q_offset <= T_k - T_q``; default
@@ -48,9 +51,9 @@ def attention_scores(
         reduce: over queries — ``"mean"`` (sum over all ``T_q`` queries divided by ``T_q``),
             ``"sum"`` or ``"max"``.
         group_reduce: over the ``H_q // H_kv`` query heads of a group — ``"mean"`` or ``"max"``.
-        key_valid_len: optional int32/int64 ``[B]``, values in ``[0, T_k]``, for right-padded
-            batches: keys at or past it take no probability mass and score ``-inf``. A query that
-            sees no valid key contributes nothing.
+        key_valid_len: optional int32/int64 ``[B]``, values in ``[0, T_k]`` (checked: one device
+            sync), for right-padded batches: keys at or past it take no probability mass and
+            score ``-inf``. A query that sees no valid key contributes nothing.
         lse: optional float32 ``[B, H_q, T_q]`` (any strides): each query row's natural-log
             log-sum-exp of the scaled logits over the keys it sees, as returned by FlashAttention /
             FlashInfer. When given, the Triton path skips its first pass. Not checked against the
@@ -61,20 +64,30 @@ def attention_scores(
         float32 ``[B, H_kv, T_k]``, contiguous: larger = more attention received. A key no query
         sees scores 0; a key at or past ``key_valid_len`` scores ``-inf``.
 
+    Raises:
+        TypeError: a non-tensor, a tensor of a dtype the argument does not take, or a ``scale``,
+            ``q_offset`` or ``causal`` of the wrong type.
+        ValueError: a wrong rank or shape, an empty dimension, tensors on different devices (or
+            ``meta``), an unknown reduction, ``q_offset`` or ``key_valid_len`` out of range,
+            ``scale`` not finite and > 0.
+
     Not checked (would cost a device sync): NaN/inf in ``q``/``k``/``lse``.
     """
     check_tensor("q", q, ndim=4, layout="[B, H_q, T_q, D]", dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, layout="[B, H_kv, T_k, D]", dtypes=FLOAT_DTYPES)
+    if key_valid_len is not None:
+        check_tensor("key_valid_len", key_valid_len, ndim=1, layout="[B]", dtypes=INDEX_DTYPES)
+    if lse is not None:
+        check_tensor("lse", lse, ndim=3, layout="[B, H_q, T_q]", dtypes=(torch.float32,))
     device = check_same_device(q=q, k=k, key_valid_len=key_valid_len, lse=lse)
     check_same_dtype(q=q, k=k)
+    check_nonempty("q", q, "[B, H_q, T_q, D]")
+    check_nonempty("k", k, "[B, H_kv, T_k, D]")
     b, h_q, t_q, d = q.shape
     _, h_kv, t_k, _ = k.shape
     check_dim("k", k, 0, b, "batch size B")
     check_dim("k", k, 3, d, "head dim D")
     check_gqa(h_q, h_kv)
-    if t_q < 1 or t_k < 1 or d < 1:
-        raise ValueError(f"q and k need T_q, T_k, D >= 1, got q shape {tuple(q.shape)} and k shape "
-                         f"{tuple(k.shape)}")
     check_choice("reduce", reduce, QUERY_REDUCTIONS)
     check_choice("group_reduce", group_reduce, GROUP_MODES)
     if not isinstance(causal, bool):
@@ -89,25 +102,18 @@ def attention_scores(
         if q_offset + t_q > t_k:
             raise ValueError(f"q_offset + T_q must be <= T_k (every query position must be a key "
                              f"position), got q_offset={q_offset}, T_q={t_q}, T_k={t_k}")
-    if scale is None:
-        scale = d ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    scale = check_scale(scale, d)
+    if lse is not None and tuple(lse.shape) != (b, h_q, t_q):
+        raise ValueError(f"lse must have shape [B, H_q, T_q] = {(b, h_q, t_q)}, got "
+                         f"{tuple(lse.shape)}")
     if key_valid_len is not None:
-        check_tensor("key_valid_len", key_valid_len, ndim=1, layout="[B]",
-                     dtypes=(torch.int32, torch.int64))
         check_dim("key_valid_len", key_valid_len, 0, b, "batch size B")
-        low, high = int(key_valid_len.min()), int(key_valid_len.max())
+        low, high = torch.stack([key_valid_len.min(), key_valid_len.max()]).tolist()
         if low < 0 or high > t_k:
             raise ValueError(f"key_valid_len must lie in [0, T_k={t_k}], got values in "
                              f"[{low}, {high}]")
-    if lse is not None:
-        check_tensor("lse", lse, ndim=3, layout="[B, H_q, T_q]", dtypes=(torch.float32,))
-        if tuple(lse.shape) != (b, h_q, t_q):
-            raise ValueError(f"lse must have shape [B, H_q, T_q] = {(b, h_q, t_q)}, got "
-                             f"{tuple(lse.shape)}")
     _, run = dispatch("attention_scores", impl, device)
-    return run(q, k, scale=float(scale), causal=causal, q_offset=max(q_offset, 0), reduce=reduce,
+    return run(q, k, scale=scale, causal=causal, q_offset=max(q_offset, 0), reduce=reduce,
                group_reduce=group_reduce, key_valid_len=key_valid_len, lse=lse)
 
 

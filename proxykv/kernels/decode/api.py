@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     bounds_statistics,
     check_gqa,
     check_int,
     check_same_device,
     check_same_dtype,
+    check_scale,
     check_tensor,
     first_true_index,
     raise_for_bounds,
 )
 from proxykv.kernels.decode.reference import ragged_decode_attention_reference
 from proxykv.kernels.decode.torch_impl import ragged_decode_attention_torch
+from proxykv._validation import check_int32_size, check_nonempty, to_int32_metadata
 
 
 def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | None,
@@ -58,6 +59,7 @@ def ragged_decode_attention(
     seq_lens: torch.Tensor | None = None,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    num_kv_heads: int | None = None,
     check_segments: bool = True,
     impl: str | None = None,
 ) -> torch.Tensor:
@@ -75,74 +77,98 @@ def ragged_decode_attention(
       its first ``seq_lens[s]`` rows are valid; rows up to ``cu_seqlens[s + 1]`` are spare room for
       decode steps to append into without repacking (``RaggedKVCache``'s layout).
 
+    The metadata does not say how its ``S = len(cu_seqlens) - 1`` segments split into batches and
+    heads: without ``num_kv_heads`` the op takes ``H_kv = S / B`` with ``B`` from ``q``, so a ``q``
+    of the wrong batch size whose ``B`` still divides ``S`` (a batch-2 ``q`` on the four segments
+    of a batch-1, ``H_kv = 4`` cache) is attended with the wrong head grouping, silently. Pass
+    ``num_kv_heads`` to have ``S == B * num_kv_heads`` checked (``RaggedKVCache.attend`` does).
+
     Args:
-        q: ``[B, H_q, D]`` float16/bfloat16/float32, any strides; ``H_q`` a multiple of
-            ``H_kv = (len(cu_seqlens) - 1) / B``.
-        k_packed, v_packed: ``[N, D]``, dtype and device of ``q``, any strides.
-        cu_seqlens: int32 ``[B * H_kv + 1]``, starting at 0, non-decreasing, ending at ``N``.
-        seq_lens: optional int32 ``[B * H_kv]``, ``0 <= seq_lens[s] <= cu_seqlens[s+1] -
+        q: ``[B, H_q, D]`` float16/bfloat16/float32, any strides, every dimension >= 1; ``H_q`` a
+            multiple of ``H_kv``.
+        k_packed, v_packed: ``[N, D]``, dtype and device of ``q``, any strides,
+            ``N <= 2**31 - 1`` (``N = 0``: every segment empty).
+        cu_seqlens: int32/int64 ``[B * H_kv + 1]`` (``torch.cumsum`` gives int64), starting at 0,
+            non-decreasing, ending at ``N``.
+        seq_lens: optional int32/int64 ``[B * H_kv]``, ``0 <= seq_lens[s] <= cu_seqlens[s+1] -
             cu_seqlens[s]``.
-        scale: logit scale, default ``D ** -0.5``.
-        max_seq_len: the longest segment's valid length, if the caller knows it without reading
-            the device (``RaggedKVCache`` does). The Triton path sizes its grid from it; when None
-            it is read from ``cu_seqlens``/``seq_lens`` (a device sync).
+        scale: logit scale: None (``D ** -0.5``) or a finite real number > 0.
+        max_seq_len: the longest segment's valid length, at most ``N``, if the caller knows it
+            without reading the device (``RaggedKVCache`` does). The Triton path sizes its grid
+            from it; when None it is read from ``cu_seqlens``/``seq_lens`` (a device sync).
+        num_kv_heads: optional ``H_kv``, an int >= 1: checked against the segment count (see
+            above). When None, ``H_kv = S / B``.
         check_segments: verify the metadata values (monotone bounds from 0 to N, ``seq_lens``
             within each segment's room, ``max_seq_len`` not short). One device sync. Pass False
             on a hot path whose metadata is known good (``RaggedKVCache`` does).
         impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
 
+    The kernels read ``cu_seqlens`` and ``seq_lens`` as int32: int64 ones are converted (a copy of
+    the metadata only) and never wrapped — with ``check_segments=False`` their values are still
+    checked to fit int32 (one device sync, none for int32 metadata).
+
     Returns:
         ``[B, H_q, D]`` in the dtype of ``q``, contiguous. A query head whose segment has no
         valid row outputs zeros.
 
-    Not checked: NaN/inf in the inputs; with ``check_segments=False``, the metadata values —
-    out-of-range bounds read arbitrary memory and a ``max_seq_len`` shorter than a segment
-    makes the Triton path ignore that segment's rows past it.
+    Raises:
+        TypeError: a non-tensor, a tensor of a dtype the argument does not take, or a ``scale``,
+            ``max_seq_len`` or ``num_kv_heads`` of the wrong type.
+        ValueError: a wrong rank or shape, an empty dimension of ``q``, ``N`` past int32, a
+            segment count that does not fit ``q`` (or ``num_kv_heads``), tensors on different
+            devices (or ``meta``), metadata values out of range, ``scale`` not finite and > 0.
+
+    Not checked: NaN/inf in the inputs; with ``check_segments=False``, the metadata values (beyond
+    fitting int32) — out-of-range bounds read arbitrary memory and a ``max_seq_len`` shorter than
+    a segment makes the Triton path ignore that segment's rows past it.
     """
     check_tensor("q", q, ndim=3, layout="[B, H_q, D]", dtypes=FLOAT_DTYPES)
     check_tensor("k_packed", k_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
     check_tensor("v_packed", v_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B * H_kv + 1]", dtypes=INDEX_DTYPES)
+    if seq_lens is not None:
+        check_tensor("seq_lens", seq_lens, ndim=1, layout="[B * H_kv]", dtypes=INDEX_DTYPES)
     check_same_dtype(q=q, k_packed=k_packed, v_packed=v_packed)
     device = check_same_device(q=q, k_packed=k_packed, v_packed=v_packed, cu_seqlens=cu_seqlens,
                                seq_lens=seq_lens)
+    check_nonempty("q", q, "[B, H_q, D]")
     b, h_q, d = q.shape
-    if d < 1 or b < 1:
-        raise ValueError(f"q needs B >= 1 and D >= 1, got shape {tuple(q.shape)}")
     if k_packed.shape[1] != d or v_packed.shape != k_packed.shape:
         raise ValueError(f"k_packed and v_packed must both be [N, D] with D = {d} (the head dim of "
                          f"q), got {tuple(k_packed.shape)} and {tuple(v_packed.shape)}")
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B * H_kv + 1]",
-                 dtypes=(torch.int32,))
+    rows = k_packed.shape[0]
+    check_int32_size("k_packed", "N", rows, "rows")
     num_segments = cu_seqlens.numel() - 1
-    if num_segments < 1 or num_segments % b:
+    if num_kv_heads is not None:
+        check_int("num_kv_heads", num_kv_heads, minimum=1)
+        if num_segments != b * num_kv_heads:
+            raise ValueError(f"q and cu_seqlens disagree: cu_seqlens has {num_segments} segments, "
+                             f"but q's batch size B = {b} times num_kv_heads = {num_kv_heads} "
+                             f"needs {b * num_kv_heads}")
+    elif num_segments < 1 or num_segments % b:
         raise ValueError(f"cu_seqlens must have B * H_kv + 1 entries with B = {b} (from q), got "
                          f"{cu_seqlens.numel()}")
     h_kv = num_segments // b
     check_gqa(h_q, h_kv)
-    if seq_lens is not None:
-        check_tensor("seq_lens", seq_lens, ndim=1, layout="[B * H_kv]", dtypes=(torch.int32,))
-        if seq_lens.numel() != num_segments:
-            raise ValueError(f"seq_lens must have B * H_kv = {num_segments} entries (one per "
-                             f"segment of cu_seqlens), got {seq_lens.numel()}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
-            scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if seq_lens is not None and seq_lens.numel() != num_segments:
+        raise ValueError(f"seq_lens must have B * H_kv = {num_segments} entries (one per "
+                         f"segment of cu_seqlens), got {seq_lens.numel()}")
+    scale = check_scale(scale, d)
     if max_seq_len is not None:
-        check_int("max_seq_len", max_seq_len, minimum=0)
+        check_int("max_seq_len", max_seq_len, minimum=0, maximum=rows)
     if check_segments:
-        longest = _check_segment_values(cu_seqlens, seq_lens, k_packed.shape[0], h_kv)
+        longest = _check_segment_values(cu_seqlens, seq_lens, rows, h_kv)
         if max_seq_len is not None and max_seq_len < longest:
             raise ValueError(f"max_seq_len = {max_seq_len} is shorter than the longest segment "
                              f"({longest} rows)")
         max_seq_len = longest if max_seq_len is None else max_seq_len
+    cu_seqlens, seq_lens = to_int32_metadata(values_checked=check_segments,
+                                             cu_seqlens=cu_seqlens, seq_lens=seq_lens)
     chosen, run = dispatch("ragged_decode_attention", impl, device)
     if chosen == "triton" and max_seq_len is None:
         lengths = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
         max_seq_len = int(lengths.max())
-    return run(q, k_packed, v_packed, cu_seqlens, seq_lens, scale=float(scale),
-               max_seq_len=max_seq_len)
+    return run(q, k_packed, v_packed, cu_seqlens, seq_lens, scale=scale, max_seq_len=max_seq_len)
 
 
 def _example(device: torch.device):

@@ -11,7 +11,6 @@ from proxykv._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     bounds_statistics,
-    check_cu_seqlens,
     check_dim,
     check_same_device,
     check_same_dtype,
@@ -20,13 +19,16 @@ from proxykv._validation import (
     raise_for_bounds,
     segment_values_statistics,
 )
+from proxykv._validation import (check_int32_size, check_nonempty,
+                                            check_segment_bounds, to_int32_metadata)
 from proxykv.kernels.gather.reference import gather_kv_ragged_reference, gather_kv_reference
 from proxykv.kernels.gather.torch_impl import gather_kv_ragged_torch, gather_kv_torch
 
 # ------------------------------------------------------------------------------------ validation
 
 def check_kv_pair(k, v) -> torch.device:
-    """``k`` and ``v``: ``[B, H_kv, T, D]`` float tensors of one shape, dtype and device."""
+    """``k`` and ``v``: ``[B, H_kv, T, D]`` float tensors of one shape, dtype and device, no
+    dimension empty, ``T`` within int32 (the indices the kernels read)."""
     check_tensor("k", k, ndim=4, layout="[B, H_kv, T, D]", dtypes=FLOAT_DTYPES)
     check_tensor("v", v, ndim=4, layout="[B, H_kv, T, D]", dtypes=FLOAT_DTYPES)
     check_same_dtype(k=k, v=v)
@@ -34,8 +36,8 @@ def check_kv_pair(k, v) -> torch.device:
     if v.shape != k.shape:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)} [B, H_kv, T, D], got "
                          f"{tuple(v.shape)}")
-    if k.shape[-1] < 1:
-        raise ValueError(f"k and v need a head dim D >= 1, got shape {tuple(k.shape)}")
+    check_nonempty("k", k, "[B, H_kv, T, D]")
+    check_int32_size("k", "T", k.shape[2], "positions")
     return device
 
 
@@ -119,23 +121,31 @@ def gather_kv(
     Args:
         k, v: ``[B, H_kv, T, D]`` float16/bfloat16/float32, same shape, dtype and device, any
             strides (a slice of a pre-allocated cache, ``[B, T, H, D]`` storage seen through a
-            permute...). Only the kept rows are read; the cache is never copied whole.
-        indices: int32/int64 ``[B, H_kv, n]`` (any strides): the kept positions of each head,
-            ascending and unique, in ``[0, T)`` (``Selection.layer(l).indices`` of a uniform
-            selection). int64 indices are converted to int32 (a copy of the indices only).
+            permute...); every dimension >= 1 and ``T <= 2**31 - 1``. Only the kept rows are
+            read; the cache is never copied whole.
+        indices: int32/int64 ``[B, H_kv, n]`` (any strides; ``n = 0`` keeps nothing): the kept
+            positions of each head, ascending and unique, in ``[0, T)``
+            (``Selection.layer(l).indices`` of a uniform selection). The kernels read int32:
+            int64 indices are converted (a copy of the indices only), never wrapped.
         out: optional pair ``(k_out, v_out)`` of ``[B, H_kv, n, D]`` tensors (dtype and device of
             ``k``, any strides) written in place and returned. They must not overlap ``k``/``v``.
         check_indices: verify the values of ``indices`` (range, ascending, unique). This reads them
             to the host: a device synchronisation per call. Pass False on a hot path whose indices
             are known good (e.g. made by ``Selection``); out-of-range indices then read arbitrary
-            memory.
+            memory. int64 indices are still checked to fit int32 (one sync); int32 ones cost none.
         impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
 
     Returns:
         ``(k_sel, v_sel)``, each ``[B, H_kv, n, D]`` in the dtype of ``k`` — ``out`` when given,
         else new contiguous tensors.
 
-    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, the index values.
+    Raises:
+        TypeError: a non-tensor, or a tensor of a dtype the argument does not take.
+        ValueError: a wrong rank or shape, an empty dimension of ``k``, ``T`` past int32, tensors
+            on different devices (or ``meta``), index values out of range or out of order.
+
+    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, the index values
+    (beyond fitting int32).
     """
     device = check_kv_pair(k, v)
     check_tensor("indices", indices, ndim=3, layout="[B, H_kv, n]", dtypes=INDEX_DTYPES)
@@ -148,8 +158,9 @@ def gather_kv(
         out = check_out_pair(out, (b, h_kv, n, d), k.dtype, device, "[B, H_kv, n, D]")
     if check_indices:
         _validation.check_indices("indices", indices, upper=seq_len, sorted_last_dim=True)
+    (indices,) = to_int32_metadata(values_checked=check_indices, indices=indices)
     _, run = dispatch("gather_kv", impl, device)
-    return run(k, v, indices.to(torch.int32), out)
+    return run(k, v, indices, out)
 
 
 def gather_kv_ragged(
@@ -171,18 +182,20 @@ def gather_kv_ragged(
 
     Args:
         k, v: ``[B, H_kv, T, D]`` float16/bfloat16/float32, same shape, dtype and device, any
-            strides; only the kept rows are read.
-        indices: int32/int64 ``[N]``: the packed kept positions, ascending and unique within each
-            segment, in ``[0, T)`` (``Selection.layer(l).indices`` of a ragged selection). int64 is
-            converted to int32 (a copy of the indices only); a non-contiguous ``[N]`` view is read
-            through its stride.
-        cu_seqlens: int32 ``[B * H_kv + 1]``: segment bounds, starting at 0, non-decreasing, ending
-            at ``N``. Empty segments (equal neighbours) are allowed.
+            strides; every dimension >= 1 and ``T <= 2**31 - 1``. Only the kept rows are read.
+        indices: int32/int64 ``[N]``, ``N <= 2**31 - 1`` (``N = 0`` keeps nothing): the packed
+            kept positions, ascending and unique within each segment, in ``[0, T)``
+            (``Selection.layer(l).indices`` of a ragged selection); a non-contiguous ``[N]`` view
+            is read through its stride.
+        cu_seqlens: int32/int64 ``[B * H_kv + 1]`` (``torch.cumsum`` gives int64): segment bounds,
+            starting at 0, non-decreasing, ending at ``N``. Empty segments (equal neighbours) are
+            allowed.
         out: optional pair ``(k_out, v_out)`` of ``[M, D]`` tensors (dtype and device of ``k``, any
             strides), written in place and returned; ``M = N`` unless ``out_cu_seqlens`` is given.
-        out_cu_seqlens: optional int32 ``[B * H_kv + 1]`` (needs ``out``): write segment ``s`` at
-            rows ``out_cu_seqlens[s] …`` of ``out`` instead of ``cu_seqlens[s] …`` — a layout with
-            spare room after each segment, as ``RaggedKVCache`` keeps. Same rules as
+        out_cu_seqlens: optional int32/int64 ``[B * H_kv + 1]`` (needs ``out``, with
+            ``M <= 2**31 - 1``): write segment ``s`` at rows ``out_cu_seqlens[s] …`` of ``out``
+            instead of ``cu_seqlens[s] …`` — a layout with spare room after each segment, as
+            ``RaggedKVCache`` keeps. Same rules as
             ``cu_seqlens`` but ending at ``M``, and every segment's room
             ``out_cu_seqlens[s + 1] - out_cu_seqlens[s]`` at least its length. Rows in the spare
             room are left untouched.
@@ -191,31 +204,48 @@ def gather_kv_ragged(
             synchronisation. With False, bad metadata reads or writes arbitrary memory.
         impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
 
+    The kernels read ``indices``, ``cu_seqlens`` and ``out_cu_seqlens`` as int32: int64 ones are
+    converted (a copy of the metadata only) and never wrapped — with ``check_indices=False`` their
+    values are still checked to fit int32 (one device sync, none for int32 metadata).
+
     Returns:
         ``(k_packed, v_packed)``, each ``[N, D]`` (or ``out``) in the dtype of ``k``.
 
-    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, all values.
+    Raises:
+        TypeError: a non-tensor, or a tensor of a dtype the argument does not take.
+        ValueError: a wrong rank or shape, an empty dimension of ``k``, a count (``T``, ``N``,
+            ``M``) past int32, tensors on different devices (or ``meta``), metadata values out of
+            range or out of order.
+
+    Not checked: overlap of ``out`` with ``k``/``v``; with ``check_indices=False``, all values
+    (beyond fitting int32).
     """
     device = check_kv_pair(k, v)
     check_tensor("indices", indices, ndim=1, layout="[N]", dtypes=INDEX_DTYPES)
     b, h_kv, seq_len, d = k.shape
-    check_cu_seqlens("cu_seqlens", cu_seqlens, num_segments=b * h_kv, segments_what="B * H_kv")
+    check_segment_bounds("cu_seqlens", cu_seqlens, num_segments=b * h_kv,
+                         segments_what="B * H_kv")
     check_same_device(k=k, indices=indices, cu_seqlens=cu_seqlens, out_cu_seqlens=out_cu_seqlens)
     total = indices.numel()
+    check_int32_size("indices", "N", total, "rows")
     out_rows = total
     if out_cu_seqlens is not None:
         if out is None:
             raise ValueError("out_cu_seqlens needs out: the buffers the segments are written into")
-        check_cu_seqlens("out_cu_seqlens", out_cu_seqlens, num_segments=b * h_kv,
-                         segments_what="B * H_kv")
+        check_segment_bounds("out_cu_seqlens", out_cu_seqlens, num_segments=b * h_kv,
+                             segments_what="B * H_kv")
         out = check_out_pair(out, (None, d), k.dtype, device, "[M, D]")
         out_rows = out[0].shape[0]
+        check_int32_size("out[0]", "M", out_rows, "rows")
     elif out is not None:
         out = check_out_pair(out, (total, d), k.dtype, device, "[N, D]")
     if check_indices:
         _check_ragged_values(indices, cu_seqlens, seq_len, h_kv, out_cu_seqlens, out_rows)
+    indices, cu_seqlens, out_cu_seqlens = to_int32_metadata(
+        values_checked=check_indices, indices=indices, cu_seqlens=cu_seqlens,
+        out_cu_seqlens=out_cu_seqlens)
     _, run = dispatch("gather_kv_ragged", impl, device)
-    return run(k, v, indices.to(torch.int32), cu_seqlens, out, out_cu_seqlens)
+    return run(k, v, indices, cu_seqlens, out, out_cu_seqlens)
 
 
 # ------------------------------------------------------------------------------ registration
