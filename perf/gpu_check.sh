@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine (the `device` tool): compiled-kernel tests, then every benchmark.
+# One prepared run on a GPU machine (the `device` tool): compiled-kernel tests, then every benchmark
+# (run_all.py runs every perf/bench_*.py in name order: aggregate, align, attend, attention, gather,
+# policies, pool).
 # Budget: finishes within 8 minutes on one H200. Results go under $OUT when it is set.
 #   bash perf/gpu_check.sh            # from the repository root
 set -uo pipefail

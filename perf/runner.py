@@ -110,10 +110,13 @@ class Recorder:
         baseline_name: str = "baseline",
         bytes_moved: float | None = None,
         flops: float | None = None,
+        peak_gb_per_s: float | None = None,
         extra: dict | None = None,
     ) -> dict | None:
         """Check, time and record one case. ``check`` raises (e.g. ``assert_close``) on a wrong
-        result; then nothing is timed or recorded and the failure is kept in ``self.failures``."""
+        result; then nothing is timed or recorded and the failure is kept in ``self.failures``.
+        ``peak_gb_per_s`` (with ``bytes_moved``): the memory bandwidth to compare against; the
+        achieved fraction of it is recorded as ``fraction_of_peak_bw``."""
         label = f"{op} {impl} {shape} {str(dtype).replace('torch.', '')}"
         if check is not None:
             try:
@@ -132,6 +135,9 @@ class Recorder:
         seconds = timing.median_ms / 1e3
         if bytes_moved is not None:
             row["gb_per_s"] = bytes_moved / seconds / 1e9
+            if peak_gb_per_s:
+                row["peak_gb_per_s"] = peak_gb_per_s
+                row["fraction_of_peak_bw"] = row["gb_per_s"] / peak_gb_per_s
         if flops is not None:
             row["tflop_per_s"] = flops / seconds / 1e12
         if baseline is not None:
@@ -151,6 +157,9 @@ def _format(label: str, row: dict) -> str:
              f"[p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}]"]
     if "gb_per_s" in row:
         parts.append(f"{row['gb_per_s']:8.1f} GB/s")
+        if "fraction_of_peak_bw" in row:
+            parts.append(f"({100 * row['fraction_of_peak_bw']:.0f}% of "
+                         f"{row['peak_gb_per_s'] / 1e3:.1f} TB/s)")
     if "tflop_per_s" in row:
         parts.append(f"{row['tflop_per_s']:.3g} TFLOP/s")
     if "speedup" in row:

@@ -10,7 +10,7 @@ from proxykv._backend import BackendChoice, backend_info, interpreter_enabled
 from proxykv.cache import RaggedKVCache
 from proxykv.kernels import (aggregate_scores, attention_scores, combine_layers, gather_kv,
                              gather_kv_ragged, normalize_scores, pool_scores,
-                             ragged_decode_attention, reduce_heads)
+                             ragged_attention, ragged_decode_attention, reduce_heads)
 from proxykv.policies import available_policies, get_policy
 from proxykv.selection import LayerSelection, Selection
 
@@ -20,5 +20,6 @@ __all__ = [
     "BackendChoice", "LayerSelection", "RaggedKVCache", "Selection", "__version__",
     "aggregate_scores", "align", "attention_scores", "available_policies", "backend_info",
     "combine_layers", "gather_kv", "gather_kv_ragged", "get_policy", "interpreter_enabled",
-    "normalize_scores", "policies", "pool_scores", "ragged_decode_attention", "reduce_heads",
+    "normalize_scores", "policies", "pool_scores", "ragged_attention", "ragged_decode_attention",
+    "reduce_heads",
 ]

@@ -10,10 +10,12 @@ Layout of one layer (``S = B * H_kv`` segments, segment ``s = b * H_kv + h``)::
     cu_seqlens     [S + 1]  int32 segment bounds (room included), from 0 to C
     seq_lens       [S]      int32 valid rows per segment
 
-This is exactly what ``ragged_decode_attention(q, keys, values, cu_seqlens, seq_lens=seq_lens)``
-reads, so a decode step needs no repacking: ``append`` writes each head's new row at
-``cu_seqlens[s] + seq_lens[s]`` and bumps ``seq_lens`` — O(B · H_kv · D) work, no sync, no copy of
-the cache.
+This is exactly what ``ragged_attention(q, keys, values, cu_seqlens, seq_lens=seq_lens)`` reads,
+so a decode step or a question needs no repacking: ``append`` writes each head's new rows at
+``cu_seqlens[s] + seq_lens[s]`` and bumps ``seq_lens`` — O(B · H_kv · t · D) work, no sync, no copy
+of the cache. ``crop(n)`` takes the last ``n`` appended rows back (a metadata update, no copy), so a
+context compressed once can answer several questions: append a question and its answer, then crop
+back to the compressed context.
 
 Growth. Every decode step adds one row to *every* segment, so all segments get the same spare
 room, ``spare`` rows. When a step does not fit, the layer is repacked into new storage with
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from proxykv._validation import INT32_MAX, check_float, check_int, check_tensor
-from proxykv.kernels.decode.api import ragged_decode_attention
+from proxykv.kernels.attend.api import ragged_attention, ragged_decode_attention
 from proxykv._validation import check_nonempty
 from proxykv.kernels.gather.api import gather_kv_ragged
 from proxykv.selection import Selection
@@ -76,6 +78,8 @@ class _LayerStorage:
         self.appended = 0                     # rows appended to every segment since then
         self.reserved = spare                 # spare given at the last (re)pack
         self.next_position = next_position
+        self.shortest_packed = min(packed_lengths, default=0)
+        self.croppable = 0                    # rows appended to every segment since construction
 
     @property
     def spare(self) -> int:
@@ -89,6 +93,10 @@ class _LayerStorage:
     @property
     def max_length(self) -> int:
         return self.longest_packed + self.appended if self.packed_lengths else 0
+
+    @property
+    def min_length(self) -> int:
+        return self.shortest_packed + self.appended if self.packed_lengths else 0
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values, self.positions, self.cu_seqlens, self.seq_lens]
@@ -359,23 +367,76 @@ class RaggedKVCache:
             num_segments)
         state.seq_lens += steps
         state.appended += steps
+        state.croppable += steps
         state.next_position += steps
 
+    def crop(self, n: int, layer_index: int | None = None) -> None:
+        """Remove the last ``n`` appended rows of every segment (of one layer, or of every layer
+        when ``layer_index`` is None): a metadata update, no copy and no device sync. Positions
+        are handed out again from ``next_position - n``, and the rows' storage becomes spare room
+        again, so ``append(n rows) → attend → crop(n)`` leaves the cache as it was (what it holds
+        and where; a repack in between moves the rows but keeps them).
+
+        Only appended rows can be cropped: ``n`` is at most what ``append`` added since the cache
+        was built (``ValueError`` otherwise, nothing changed)."""
+        check_int("n", n, minimum=0)
+        layers = range(self.num_layers) if layer_index is None else [layer_index]
+        states = [self._layer(index) for index in layers]
+        for index, state in zip(layers, states):
+            if n > state.croppable:
+                raise ValueError(f"n = {n} exceeds the {state.croppable} rows appended to every "
+                                 f"segment of layer {index} since the cache was built (only "
+                                 "appended rows can be cropped)")
+        for state in states:
+            if n == 0:
+                continue
+            from_current = min(n, state.appended)
+            before_repack = n - from_current  # rows appended before the last repack
+            state.appended -= from_current
+            if before_repack:
+                state.packed_lengths = [length - before_repack for length in state.packed_lengths]
+                state.longest_packed -= before_repack
+                state.shortest_packed -= before_repack
+                state.reserved += before_repack
+            state.seq_lens -= n
+            state.croppable -= n
+            state.next_position -= n
+
     def attend(self, layer_index: int, q: torch.Tensor, *, scale: float | None = None,
-               impl: str | None = None) -> torch.Tensor:
-        """``ragged_decode_attention`` of ``q [B, H_q, D]`` over one layer: ``[B, H_q, D]``.
+               return_lse: bool = False, impl: str | None = None):
+        """Attention of new tokens over one layer, whose own K/V the caller has appended.
+
+        ``q [B, H_q, D]`` (one token: ``ragged_decode_attention``, every valid row visible) →
+        ``[B, H_q, D]``; ``q [B, H_q, T_new, D]`` (a chunk, e.g. a question:
+        ``ragged_attention``, the last ``T_new`` rows of every segment being the chunk's own,
+        seen causally) → ``[B, H_q, T_new, D]``; with ``return_lse`` also the natural-log LSE
+        (``[B, H_q]`` or ``[B, H_q, T_new]`` float32).
 
         ``q`` must have the cache's B and D, and ``H_q`` a positive multiple of its H_kv
         (``ValueError`` naming ``q`` otherwise), and its dtype and device (checked by the op);
-        ``scale`` is None (``D ** -0.5``) or a finite real > 0. The metadata is the cache's own,
-        so it is not re-validated (no device sync)."""
+        a chunk needs at least ``T_new`` rows in every segment. ``scale`` is None
+        (``D ** -0.5``) or a finite real > 0. The metadata is the cache's own, so it is not
+        re-validated (no device sync)."""
+        state = self._layer(layer_index)
         view = self.layer(layer_index)
         self._check_query(q)
-        return ragged_decode_attention(q, view.keys, view.values, view.cu_seqlens,
-                                       seq_lens=view.seq_lens, scale=scale,
-                                       max_seq_len=view.max_seq_len,
-                                       num_kv_heads=self.num_kv_heads, check_segments=False,
-                                       impl=impl)
+        arguments = dict(seq_lens=view.seq_lens, scale=scale, max_seq_len=view.max_seq_len,
+                         num_kv_heads=self.num_kv_heads, check_segments=False, impl=impl)
+        decode = q.dim() == 3
+        num_new = 1 if decode else q.shape[2]
+        if num_new > state.min_length:
+            raise ValueError(f"q has T_new = {num_new} new tokens, but a segment of layer "
+                             f"{layer_index} holds only {state.min_length} rows; append the new "
+                             "tokens' K/V first")
+        if decode and not return_lse:
+            return ragged_decode_attention(q, view.keys, view.values, view.cu_seqlens,
+                                           **arguments)
+        result = ragged_attention(q[:, :, None] if decode else q, view.keys, view.values,
+                                  view.cu_seqlens, return_lse=return_lse, **arguments)
+        if decode:
+            out, lse = result
+            return out[:, :, 0], lse[:, :, 0]
+        return result
 
     # --------------------------------------------------------------------------- internals
     def _layer(self, layer_index: int) -> _LayerStorage:
@@ -384,8 +445,11 @@ class RaggedKVCache:
 
     def _check_query(self, q) -> None:
         # The op infers H_kv from the segment count, which a q of another batch size can fool.
-        check_tensor("q", q, ndim=3, layout="[B, H_q, D]")
-        b, h_q, d = q.shape
+        check_tensor("q", q, layout="[B, H_q, D] or [B, H_q, T_new, D]")
+        if q.dim() not in (3, 4):
+            raise ValueError(f"q must be [B, H_q, D] or [B, H_q, T_new, D], got shape "
+                             f"{tuple(q.shape)}")
+        b, h_q, d = q.shape[0], q.shape[1], q.shape[-1]
         if b != self.batch_size:
             raise ValueError(f"q has batch size {b}, but the cache holds B = {self.batch_size}")
         if h_q < 1 or h_q % self.num_kv_heads:
@@ -428,6 +492,7 @@ class RaggedKVCache:
             _copy_rows(new, dst, old, src)
         state.keys, state.values, state.positions, state.cu_seqlens = keys, values, positions, room
         state.packed_lengths, state.longest_packed = lengths, max(lengths, default=0)
+        state.shortest_packed = min(lengths, default=0)
         state.appended = 0
         state.reserved = spare
         self.num_repacks += 1

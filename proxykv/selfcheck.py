@@ -100,7 +100,7 @@ def _policy_check(name: str, params: dict, reference: Callable, budget: int):
 
 def _cache_check(device: torch.device, impl: str):
     from proxykv.cache import RaggedKVCache
-    from proxykv.kernels.decode.reference import ragged_decode_attention_reference
+    from proxykv.kernels.attend.reference import ragged_decode_attention_reference
     from proxykv.selection import Selection
 
     generator = torch.Generator().manual_seed(2)

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from proxykv.testing.compile_check import SHARED_MEMORY_LIMIT, collect_specs
+from proxykv.testing.compile_check import (PRIMARY_ARCH, SHARED_MEMORY_LIMIT, collect_specs,
+                                           variant_group)
 
 SPEC_NAMES = [spec.name for spec in collect_specs()]
 
@@ -41,7 +42,8 @@ def compile_report(tmp_path_factory, pytestconfig):
 def test_every_kernel_family_has_compile_specs():
     families = {name.split("[")[0] for name in SPEC_NAMES}
     assert {"attention_lse_fwd_kernel", "attention_scores_fwd_kernel",
-            "aggregate_scores_fwd_kernel", "ragged_decode_attention_fwd_kernel"} <= families
+            "aggregate_scores_fwd_kernel", "ragged_attention_fwd_kernel",
+            "ragged_attention_merge_fwd_kernel"} <= families
     assert len(SPEC_NAMES) == len(set(SPEC_NAMES)), "compile spec names must be unique"
 
 
@@ -64,13 +66,33 @@ def test_every_triton_module_declares_its_kernels():
         assert kernels <= declared, f"{module_name} does not declare {kernels - declared}"
 
 
-@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMIT, reverse=True), ids=lambda a: f"sm{a}")
-@pytest.mark.parametrize("name", SPEC_NAMES)
-def test_kernel_compiles_and_fits(compile_report, name, arch):
-    row = compile_report[(name, arch)]
+def _check_row(row):
+    name, arch = row["name"], row["arch"]
     assert row["ok"], row["error"]
     assert row["shared"] <= SHARED_MEMORY_LIMIT[arch], (
         f"{name} needs {row['shared']} bytes of shared memory on sm_{arch}, "
         f"the limit is {SHARED_MEMORY_LIMIT[arch]}")
     if row["uses_dot"]:
         assert row["tensor_core"], f"{name} uses tl.dot but its sm_{arch} PTX has no tensor-core op"
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_kernel_compiles_and_fits_on_sm90(compile_report, name):
+    _check_row(compile_report[(name, PRIMARY_ARCH)])
+
+
+@pytest.mark.parametrize("arch", sorted(set(SHARED_MEMORY_LIMIT) - {PRIMARY_ARCH}),
+                         ids=lambda a: f"sm{a}")
+def test_the_largest_variant_of_each_family_compiles_and_fits(compile_report, arch):
+    rows = [row for (_, row_arch), row in compile_report.items() if row_arch == arch]
+    groups = {variant_group(row["name"]) for row in rows}
+    assert groups == {variant_group(name) for name in SPEC_NAMES}
+    largest_on_sm90 = {}
+    for (name, row_arch), row in compile_report.items():
+        if row_arch == PRIMARY_ARCH:
+            group = variant_group(name)
+            largest_on_sm90[group] = max(largest_on_sm90.get(group, 0), row["shared"])
+    for row in rows:
+        assert compile_report[(row["name"], PRIMARY_ARCH)]["shared"] == \
+            largest_on_sm90[variant_group(row["name"])]
+        _check_row(row)

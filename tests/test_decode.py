@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import proxykv.kernels.decode.triton_impl as decode_triton
+import proxykv.kernels.attend.triton_impl as decode_triton
 from proxykv.kernels import gather_kv_ragged, ragged_decode_attention
-from proxykv.kernels.decode.reference import ragged_decode_attention_reference
+from proxykv.kernels.attend.reference import ragged_decode_attention_reference
 from proxykv.selection import Selection
 from proxykv.testing import assert_close
 from proxykv.testing import strategies as pst
@@ -95,7 +95,8 @@ def test_every_split_plan_gives_the_same_result(keys_per_split, dtype, device):
     on_gpu = q.is_cuda
     block_n = decode_triton.gpu_tile(dtype)[0] if on_gpu else 32
     keys_per_split = -(-keys_per_split // block_n) * block_n
-    plan = decode_triton.plan_decode(max_seq_len, 4, dtype, on_gpu, keys_per_split=keys_per_split)
+    plan = decode_triton.plan_ragged_attention(max_seq_len, 4, 4, 32, dtype, on_gpu,
+                                               keys_per_split=keys_per_split)
     out = decode_triton.ragged_decode_attention_triton(q, k, v, cu_seqlens, seq_lens,
                                                        scale=32 ** -0.5, max_seq_len=max_seq_len,
                                                        plan=plan)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import proxykv.cache as cache_module
-import proxykv.kernels.decode.triton_impl as decode_triton
+import proxykv.kernels.attend.triton_impl as decode_triton
 import proxykv.kernels.gather.triton_impl as gather_triton
 from proxykv import attention_scores
 from proxykv.cache import RaggedKVCache
@@ -47,7 +47,7 @@ def _small_cache(b=1, h_kv=2, t=6, d=4, **kwargs):
                            r"a positive multiple of 2$"),
     (torch.zeros(1, 0, 4), r"^q has H_q = 0 query heads"),
     (torch.zeros(1, 4, 5), r"^q has head dim 5, but the cache holds D = 4$"),
-    (torch.zeros(4, 4), r"^q must be a 3-D tensor \[B, H_q, D\], got shape \(4, 4\)$"),
+    (torch.zeros(4, 4), r"^q must be \[B, H_q, D\] or \[B, H_q, T_new, D\], got shape \(4, 4\)$"),
 ], ids=["batch", "heads", "no-heads", "head-dim", "rank"])
 def test_attend_checks_q_against_the_cache(q, message):
     ragged = _small_cache()  # B = 1, H_kv = 2, D = 4

@@ -24,7 +24,8 @@ def test_run_all_quick_records_every_benchmark(tmp_path):
     recorded_ops = {row["op"].split("/")[0].split()[0] for row in rows}
     for script in PERF.glob("bench_*.py"):
         assert f"## {script.stem}" in run.stdout
-    assert {"attention_scores", "pool_scores", "gather_kv", "ragged_decode_attention"} <= recorded_ops
+    assert {"attention_scores", "pool_scores", "gather_kv", "ragged_attention",
+            "ragged_decode_attention"} <= recorded_ops
     for row in rows:
         assert row["median_ms"] > 0 and row["git_commit"] and row["device"].startswith("cpu")
 
@@ -46,6 +47,8 @@ def test_recorder_refuses_to_report_a_wrong_result(tmp_path, capsys):
     assert row is None and not (tmp_path / "results.jsonl").exists()
     assert recorder.failures and "REFUSED" in capsys.readouterr().out
     row = recorder.measure("demo", {"T": 4}, torch.float32, "torch", lambda: None,
-                           check=lambda: None, baseline=lambda: None, bytes_moved=1e6)
+                           check=lambda: None, baseline=lambda: None, bytes_moved=1e6,
+                           peak_gb_per_s=4800.0)
     assert row["speedup"] > 0 and row["gb_per_s"] > 0
+    assert row["fraction_of_peak_bw"] == row["gb_per_s"] / 4800.0
     assert json.loads((tmp_path / "results.jsonl").read_text())["op"] == "demo"

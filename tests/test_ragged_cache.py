@@ -245,3 +245,139 @@ def test_append_bad_input_raises(k_new, error, message):
         ragged.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match=r"v_new must have the shape of k_new \(1, 2, 1, 4\)"):
         ragged.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 2, 4))
+
+
+# ------------------------------------------------------------------ questions: append n, crop n
+
+def _snapshot(cache):
+    """Everything a cache holds that a reader can see: valid rows, positions, lengths."""
+    return [(tuple(t.cpu() for t in cache.to_packed(layer)), cache.lengths(layer).tolist(),
+             cache.next_position(layer), cache.layer(layer).max_seq_len)
+            for layer in range(cache.num_layers)]
+
+
+def _assert_same_snapshot(a, b):
+    assert len(a) == len(b)
+    for (tensors_a, *rest_a), (tensors_b, *rest_b) in zip(a, b):
+        assert rest_a == rest_b
+        for x, y in zip(tensors_a, tensors_b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def _pruned_cache(impl, device, reserve_steps, seed=2):
+    b, layers, h_kv, t, d = 1, 2, 2, 80, 16
+    full = _full_cache(b, layers, h_kv, t, d, torch.float32, "cache_slice", seed, device)
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, layers, h_kv, t, generator=generator) < torch.tensor(
+        [0.1, 0.6])[None, None, :, None]
+    cache = RaggedKVCache.from_selection(full, Selection.from_mask(mask),
+                                         reserve_steps=reserve_steps, impl=impl)
+    return full, mask, cache
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reserve_steps", [64, 3], ids=["room", "repacks"])
+def test_question_over_the_cache_equals_dense_attention_then_crop_restores_it(
+        impl, reserve_steps, device):
+    """Append a 9-token question in one call, attend with all 9 queries (each sees the kept
+    context and the question causally), crop it: the cache is as before, whether the append fit
+    the spare room or repacked."""
+    full, mask, cache = _pruned_cache(impl, device, reserve_steps)
+    before = _snapshot(cache)
+    generator = torch.Generator().manual_seed(7)
+    b, h_q, h_kv, num_new, d = 1, 6, 2, 9, 16
+    for layer, (k, v) in enumerate(full):
+        k_new = torch.randn(b, h_kv, num_new, d, generator=generator).to(device)
+        v_new = torch.randn(b, h_kv, num_new, d, generator=generator).to(device)
+        q = torch.randn(b, h_q, num_new, d, generator=generator).to(device)
+        cache.append(layer, k_new, v_new)
+        out, lse = cache.attend(layer, q, return_lse=True, impl=impl)
+        assert out.shape == q.shape and lse.shape == q.shape[:3]
+        keys, values = torch.cat([k, k_new], 2), torch.cat([v, v_new], 2)
+        t = k.shape[2]
+        visible = torch.cat([mask[:, layer], torch.ones(b, h_kv, num_new, dtype=torch.bool)], -1)
+        visible = visible.repeat_interleave(h_q // h_kv, 1)[:, :, None, :] & torch.ones(
+            num_new, t + num_new, dtype=torch.bool).tril(t)
+        expected = F.scaled_dot_product_attention(
+            q.double().cpu(), keys.double().cpu().repeat_interleave(3, 1),
+            values.double().cpu().repeat_interleave(3, 1), attn_mask=visible)
+        assert_close(out, expected, dtype=torch.float32, name=f"question, layer {layer}")
+    assert cache.next_position(0) == 80 + num_new
+    cache.crop(num_new)
+    _assert_same_snapshot(_snapshot(cache), before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_questions_in_turn_equal_two_fresh_caches(impl, device):
+    """Question A (then crop), question B from the same compressed cache, equals question B on
+    a freshly built cache — and the decode step after it too."""
+    questions = []
+    generator = torch.Generator().manual_seed(8)
+    for num_new in (5, 3):
+        questions.append([(torch.randn(1, 2, num_new, 16, generator=generator).to(device),
+                           torch.randn(1, 2, num_new, 16, generator=generator).to(device),
+                           torch.randn(1, 4, num_new, 16, generator=generator).to(device))
+                          for _ in range(2)])
+    _, _, reused = _pruned_cache(impl, device, reserve_steps=2)
+    _, _, fresh = _pruned_cache(impl, device, reserve_steps=2)
+
+    def ask(cache, question):
+        outs = []
+        for layer, (k_new, v_new, q) in enumerate(question):
+            cache.append(layer, k_new, v_new)
+            outs.append(cache.attend(layer, q, impl=impl))
+        return outs
+
+    ask(reused, questions[0])
+    reused.crop(questions[0][0][0].shape[2])
+    for a, b in zip(ask(reused, questions[1]), ask(fresh, questions[1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    q_step = torch.randn(1, 4, 16, generator=generator).to(device)
+    kv_step = torch.randn(1, 2, 16, generator=generator).to(device)
+    for cache in (reused, fresh):
+        cache.append(0, kv_step, kv_step)
+    torch.testing.assert_close(reused.attend(0, q_step, impl=impl),
+                               fresh.attend(0, q_step, impl=impl), rtol=0, atol=0)
+    assert reused.next_position(0) == fresh.next_position(0)
+
+
+def test_crop_one_layer_and_bad_crops():
+    _, _, cache = _pruned_cache("torch", torch.device("cpu"), reserve_steps=4)
+    kv = torch.randn(1, 2, 3, 16)
+    cache.append(0, kv, kv)
+    with pytest.raises(ValueError, match=r"n = 1 exceeds the 0 rows appended to every segment "
+                                         r"of layer 1"):
+        cache.crop(1)  # layer 1 had no append: nothing cropped anywhere
+    assert cache.next_position(0) == 83
+    with pytest.raises(ValueError, match=r"n = 4 exceeds the 3 rows"):
+        cache.crop(4, layer_index=0)
+    with pytest.raises(TypeError, match=r"n must be an int"):
+        cache.crop(1.0)
+    with pytest.raises(ValueError, match=r"n must be >= 0"):
+        cache.crop(-1)
+    cache.crop(2, layer_index=0)
+    assert cache.next_position(0) == 81 and cache.next_position(1) == 80
+
+
+def test_a_question_longer_than_a_segment_is_refused():
+    _, _, cache = _pruned_cache("torch", torch.device("cpu"), reserve_steps=4)
+    shortest = int(cache.lengths(0).min())
+    with pytest.raises(ValueError, match=rf"q has T_new = {shortest + 1} new tokens, but a "
+                                         rf"segment of layer 0 holds only {shortest} rows"):
+        cache.attend(0, torch.randn(1, 4, shortest + 1, 16))
+
+
+def test_crop_across_a_repack_gives_the_room_back():
+    """Rows appended before and after a repack are cropped alike; their room becomes spare again,
+    so the same appends then fit without another repack."""
+    _, _, cache = _pruned_cache("torch", torch.device("cpu"), reserve_steps=3)
+    before = _snapshot(cache)
+    first, second = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16)
+    cache.append(0, first, first)
+    cache.append(0, second, second)  # does not fit the 1 row left: repacks
+    assert cache.num_repacks == 1
+    cache.crop(10, layer_index=0)
+    _assert_same_snapshot(_snapshot(cache), before)
+    cache.append(0, first, first)
+    cache.append(0, second, second)
+    assert cache.num_repacks == 1

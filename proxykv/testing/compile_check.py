@@ -4,7 +4,12 @@ Triton's interpreter accepts code the compiler rejects, so on a CPU-only machine
 that the GPU path builds. Run as a module with ``TRITON_INTERPRET`` unset (Triton fixes the mode
 when kernels are defined, and the compiler cannot run on interpreted definitions)::
 
-    python -m proxykv.testing.compile_check [--arch 90 --arch 80] [--jobs N]
+    python -m proxykv.testing.compile_check [--arch 90 --arch 80] [--all-archs] [--jobs N]
+
+sm_90 (H100/H200, the target) compiles every variant. To keep the check to about a minute on two
+cores, the other archs by default compile one variant per kernel family and dtype: the one that
+needs the most shared memory on sm_90 — the one that could pass sm_80's smaller limit
+(``--all-archs`` compiles everything everywhere).
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
 memory), ``shared_limit``, ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
@@ -82,10 +87,35 @@ def _compile_by_index(job: tuple[int, int]) -> dict:
     return compile_spec(collect_specs()[index], arch)
 
 
+PRIMARY_ARCH = 90
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+
+
+def variant_group(name: str) -> tuple[str, str]:
+    """(kernel family, dtype) of a spec name, the unit the secondary archs sample from."""
+    dtype = next((d for d in DTYPE_NAMES if d in name.split("[", 1)[-1].split(",")), "")
+    return name.split("[")[0], dtype
+
+
+def largest_per_group(results: list[dict]) -> list[str]:
+    """Names of the variant with the most shared memory in each (family, dtype) group."""
+    best: dict[tuple[str, str], dict] = {}
+    for result in results:
+        if not result["ok"]:
+            continue
+        group = variant_group(result["name"])
+        if group not in best or result["shared"] > best[group]["shared"]:
+            best[group] = result
+    return [result["name"] for result in best.values()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--name", help="compile only specs whose name contains this")
+    parser.add_argument("--all-archs", action="store_true",
+                        help="compile every variant for every arch (default: every variant for "
+                             "sm_90, the largest of each kernel family and dtype for the others)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per core)")
     args = parser.parse_args(argv)
@@ -95,18 +125,32 @@ def main(argv: list[str] | None = None) -> int:
         print("compile_check must run with TRITON_INTERPRET unset", file=sys.stderr)
         return 2
     specs = collect_specs()
-    jobs = [(index, arch) for index, spec in enumerate(specs)
-            if not args.name or args.name in spec.name
-            for arch in args.arch or sorted(SHARED_MEMORY_LIMIT, reverse=True)]
-    if args.jobs <= 1:
-        results = map(_compile_by_index, jobs)
-    else:
-        results = ProcessPoolExecutor(max_workers=args.jobs).map(_compile_by_index, jobs)
-    for done, result in enumerate(results, 1):
-        print(json.dumps(result), flush=True)
-        status = "ok" if result["ok"] else "FAILED"
-        print(f"[{done}/{len(jobs)}] {result['name']} sm_{result['arch']} {status}",
-              file=sys.stderr, flush=True)
+    chosen = [index for index, spec in enumerate(specs) if not args.name or args.name in spec.name]
+    archs = args.arch or sorted(SHARED_MEMORY_LIMIT, reverse=True)
+    pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
+    done = 0
+    total = len(chosen) * len(archs)
+
+    def run(jobs: list[tuple[int, int]]) -> list[dict]:
+        nonlocal done
+        results = []
+        for result in (pool.map if pool else map)(_compile_by_index, jobs):
+            done += 1
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            status = "ok" if result["ok"] else "FAILED"
+            print(f"[{done}/{total}] {result['name']} sm_{result['arch']} {status}",
+                  file=sys.stderr, flush=True)
+        return results
+
+    if args.all_archs or PRIMARY_ARCH not in archs:
+        run([(index, arch) for index in chosen for arch in archs])
+        return 0
+    primary = run([(index, PRIMARY_ARCH) for index in chosen])
+    sampled = set(largest_per_group(primary))
+    secondary = [index for index in chosen if specs[index].name in sampled]
+    total = len(chosen) + len(secondary) * (len(archs) - 1)
+    run([(index, arch) for index in secondary for arch in archs if arch != PRIMARY_ARCH])
     return 0
 
 
