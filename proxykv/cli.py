@@ -84,6 +84,83 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pair(args: argparse.Namespace):
+    """The target and proxy checkpoints of ``--target``/``--proxy`` and the target's tokenizer."""
+    from pathlib import Path
+
+    for flag in ("target", "proxy"):
+        path = Path(getattr(args, flag))
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--{flag} {path}: not a model folder (no config.json)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise UsageError("this command needs transformers: pip install 'proxykv[hf]'") from None
+    target = AutoModelForCausalLM.from_pretrained(args.target).to(args.device).eval()
+    proxy = AutoModelForCausalLM.from_pretrained(args.proxy).to(args.device).eval()
+    tokenizer = None
+    # transformers 5 builds an empty tokenizer for a folder that has none: look for its files.
+    if any((Path(args.target) / name).is_file()
+           for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    return target, proxy, tokenizer
+
+
+def _read_prompts(path) -> list[str]:
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--prompts {path}: no such file")
+    prompts = [line.replace("\\n", "\n") for line in path.read_text().splitlines()
+               if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: no prompt in it (one per line)")
+    return prompts
+
+
+def _align_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    _require_available(args.device)
+    from proxykv.align import available_aligners, fit_aligner, get_aligner
+
+    if args.aligner not in available_aligners():
+        raise UsageError(f"--aligner {args.aligner!r}: choose one of "
+                         f"{', '.join(available_aligners())}")
+    prompts = _read_prompts(args.prompts)
+    target, proxy, tokenizer = _load_pair(args)
+    from proxykv.hf.teacher import TeacherData, record_teacher_scores
+
+    if tokenizer is None:  # a checkpoint without a tokenizer: lines of token ids
+        try:
+            prompts = [[int(word) for word in line.split()] for line in prompts]
+        except ValueError:
+            raise UsageError(f"--target {args.target} has no tokenizer, so each line of "
+                             f"--prompts must be token ids separated by spaces") from None
+    out = Path(args.out)
+    data_dir = Path(args.data) if args.data else out / "teacher"
+    try:
+        record_teacher_scores(target, proxy, prompts, data_dir, tokenizer=tokenizer,
+                              max_length=args.max_length)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    data = TeacherData(data_dir)
+    if len(data) < 2:
+        raise UsageError(f"--prompts: need at least 2 prompts (one is held out), got {len(data)}")
+    train, held_out = data.split(max(2, round(1 / args.val_fraction)))
+    aligner = get_aligner(args.aligner, data.proxy_shape, data.target_shape).to(args.device)
+    result = fit_aligner(aligner, train, val_data=held_out, epochs=args.epochs,
+                         max_seconds=args.max_seconds, seed=args.seed)
+    aligner.save(out, metadata={"prompts": str(args.prompts), "samples": len(data),
+                                "target": str(args.target), "proxy": str(args.proxy),
+                                "metrics": result.metrics})
+    print(json.dumps({"aligner": args.aligner, "out": str(out), "samples": len(data),
+                      "epochs": result.epochs, "metrics": result.metrics}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from proxykv import __version__
 
@@ -114,6 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     backends.add_argument("--device", type=_device, default=None,
                           help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     backends.set_defaults(handler=_backends)
+
+    align = commands.add_parser(
+        "align-train", help="record teacher scores of a proxy/target pair on prompts and fit an "
+                            "aligner",
+        description="Score each prompt with the proxy and with the target (KVzip reconstruction "
+                    "scores, the teacher), write the pairs under --data (resumable), fit the "
+                    "aligner on them with one sample in 1/val-fraction held out, and save it "
+                    "into --out.")
+    align.add_argument("--target", required=True, help="target model folder (from_pretrained)")
+    align.add_argument("--proxy", required=True, help="proxy model folder (same tokenizer)")
+    align.add_argument("--prompts", required=True,
+                       help="text file, one prompt per line (\\n for a newline inside one; "
+                            "token ids separated by spaces if the target has no tokenizer)")
+    align.add_argument("--out", required=True, help="folder to save the aligner into")
+    align.add_argument("--aligner", default="axial", help="registered aligner (default: axial)")
+    align.add_argument("--data", default=None, help="teacher-data folder (default: OUT/teacher)")
+    align.add_argument("--max-length", type=int, default=None,
+                       help="truncate prompts to this many tokens")
+    align.add_argument("--epochs", type=int, default=200)
+    align.add_argument("--max-seconds", type=float, default=None, help="stop fitting after this")
+    align.add_argument("--val-fraction", type=float, default=0.2)
+    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--device", type=_device, default="cpu", help=device_help)
+    align.set_defaults(handler=_align_train)
     return parser
 
 

@@ -1,0 +1,226 @@
+"""Capture of each attention layer's post-RoPE queries and keys while a transformers model runs.
+
+``with capture_attention(model, callback): model(...)`` makes every decoder layer call
+``callback(AttentionCall(...))`` as it runs, with the queries of the tokens being fed and all the
+keys they attend to (the cached ones, then the new ones), exactly as the model's attention sees
+them: after the projections, the per-head q/k norms (Qwen3) and RoPE. Nothing is re-projected.
+
+How: a uniquely named attention function is registered with
+``transformers.AttentionInterface`` (and the previous implementation's mask function with
+``AttentionMaskInterface`` under the same name, so the model builds the same masks), and the model
+is switched to it with ``model.set_attn_implementation``. The function calls the model's previous
+implementation (``sdpa`` or ``eager``) with the same arguments and returns its result unchanged,
+then hands the layer's tensors to the callback. On exit — also when an exception is raised inside
+the block or by the callback — the previous implementation is restored and both registrations are
+removed.
+
+The callback runs inside the layer: it must consume the tensors there (e.g. reduce them to scores)
+and not keep references to them, so that no layer's queries outlive the layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+#: ``config.model_type`` of the architectures whose attention is known to go through the
+#: attention-function interface with post-RoPE queries/keys (Llama, Qwen2, Qwen3).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+#: the attention implementations a capture can wrap (the model's current one must be one of them):
+#: the stock ones and their compressed counterparts (``proxykv.hf.compressed``).
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "proxykv_sdpa", "proxykv_eager")
+#: the prefix of the names a capture registers (``proxykv_capture_<n>``).
+CAPTURE_NAME_PREFIX = "proxykv_capture_"
+
+_counter = itertools.count()
+_registry_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention layer's call, as handed to a capture callback.
+
+    Attributes:
+        layer_idx: the decoder layer (``module.layer_idx``), 0-based.
+        query: ``[B, H_q, T_new, D]`` post-RoPE queries of the tokens being fed.
+        key: ``[B, H_kv, T_k, D]`` post-RoPE keys they attend to: the cache's keys followed by the
+            new tokens' keys (``T_k = past length + T_new``), not repeated for GQA.
+        value: ``[B, H_kv, T_k, D]`` the matching values.
+        scaling: the logit scale the layer uses (``module.scaling``, e.g. ``D ** -0.5``).
+        num_key_value_groups: ``H_q // H_kv``.
+        module: the attention module itself (read-only use).
+
+    The tensors belong to the running layer: consume them in the callback, do not keep them.
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    num_key_value_groups: int
+    module: torch.nn.Module
+
+
+def check_supported_model(model) -> str:
+    """Check that ``model``'s attention can be captured; returns its current attention
+    implementation (``"sdpa"`` or ``"eager"``).
+
+    Raises:
+        TypeError: ``model`` is not a transformers ``PreTrainedModel``.
+        ValueError: its architecture is not one of ``SUPPORTED_MODEL_TYPES``, it has
+            sliding-window layers, it has no ``config._attn_implementation`` or
+            ``set_attn_implementation``, its attention implementation is not one of
+            ``SUPPORTED_ATTN_IMPLEMENTATIONS``, or it is already being captured.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (a Llama, Qwen2 or Qwen3 "
+                        f"decoder), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model {type(model).__name__} (model_type {model_type!r}) cannot be "
+                         f"captured: supported architectures (config.model_type) are {supported}")
+    if not hasattr(config, "_attn_implementation") or not callable(
+            getattr(model, "set_attn_implementation", None)):
+        raise ValueError(f"model {type(model).__name__} has no config._attn_implementation / "
+                         f"set_attn_implementation, so its attention cannot be intercepted through "
+                         f"transformers' AttentionInterface (supported: {supported} models of "
+                         f"transformers 5.x)")
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if sliding or getattr(config, "use_sliding_window", False):
+        raise ValueError(f"model {type(model).__name__} has sliding-window attention layers "
+                         f"{sliding or '(use_sliding_window=True)'}; only full-attention layers "
+                         f"are supported (scores assume every key is visible)")
+    current = config._attn_implementation
+    if isinstance(current, str) and current.startswith(CAPTURE_NAME_PREFIX):
+        raise ValueError(f"model {type(model).__name__} is already being captured "
+                         f"(attention implementation {current!r}); captures do not nest")
+    if current not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"model {type(model).__name__} uses attention implementation "
+                         f"{current!r}, which cannot be captured; supported: "
+                         f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)} (load the model with "
+                         f"attn_implementation='sdpa' or call model.set_attn_implementation('sdpa'))")
+    return current
+
+
+def stock_attention_function(implementation: str, module: torch.nn.Module) -> Callable:
+    """The attention function ``module`` calls under ``implementation``."""
+    if implementation == "eager":
+        # Each modeling file defines its own eager function, the one its attention falls back to.
+        modeling = sys.modules.get(type(module).__module__)
+        function = getattr(modeling, "eager_attention_forward", None)
+        if function is None:
+            raise ValueError(f"cannot find eager_attention_forward for {type(module).__name__} "
+                             f"(module {type(module).__module__})")
+        return function
+    return AttentionInterface._global_mapping[implementation]
+
+
+class AttentionCapture:
+    """Context manager installing a capture on ``model`` (see the module docstring).
+
+    Use ``capture_attention(model, callback)``. Attributes: ``name`` (the registered
+    implementation name, while active), ``previous_implementation``, ``num_calls`` (layer calls
+    seen so far).
+    """
+
+    def __init__(self, model, callback: Callable[[AttentionCall], None]):
+        self.previous_implementation = check_supported_model(model)
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self.model = model
+        self.callback = callback
+        self.name: str | None = None
+        self.num_calls = 0
+        self._eager_functions: dict[type, Callable] = {}
+
+    def _attention(self, module, query, key, value, attention_mask, *args, **kwargs):
+        cls = type(module)
+        function = self._eager_functions.get(cls)
+        if function is None:
+            function = stock_attention_function(self.previous_implementation, module)
+            self._eager_functions[cls] = function
+        output = function(module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", getattr(module, "scaling", None))
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        self.num_calls += 1
+        self.callback(AttentionCall(
+            layer_idx=int(module.layer_idx), query=query, key=key, value=value,
+            scaling=float(scaling), num_key_value_groups=query.shape[1] // key.shape[1],
+            module=module))
+        return output
+
+    def __enter__(self) -> AttentionCapture:  # noqa: PYI034 (Self needs Python 3.11)
+        if self.name is not None:
+            raise RuntimeError("this AttentionCapture is already active")
+        # Checked again: the model may have changed since the capture was built.
+        self.previous_implementation = check_supported_model(self.model)
+        name = f"{CAPTURE_NAME_PREFIX}{next(_counter)}"
+        mask_function = AttentionMaskInterface._global_mapping[self.previous_implementation]
+        with _registry_lock:
+            AttentionInterface.register(name, self._attention)
+            AttentionMaskInterface.register(name, mask_function)
+        self.name = name
+        try:
+            self.model.set_attn_implementation(name)
+            if self.model.config._attn_implementation != name:
+                raise ValueError(f"model {type(self.model).__name__} did not accept the attention "
+                                 f"implementation {name!r} (set_attn_implementation ignored it), so "
+                                 f"its attention cannot be captured; supported: "
+                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        name, self.name = self.name, None
+        try:
+            if self.model.config._attn_implementation != self.previous_implementation:
+                self.model.set_attn_implementation(self.previous_implementation)
+        finally:
+            with _registry_lock:
+                AttentionInterface._global_mapping.pop(name, None)
+                AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def capture_attention(model, callback: Callable[[AttentionCall], None]) -> AttentionCapture:
+    """Hand every attention layer's post-RoPE queries and keys to ``callback`` while ``model``
+    runs inside the ``with`` block.
+
+    Args:
+        model: a transformers Llama, Qwen2 or Qwen3 model (``*ForCausalLM`` or the base model)
+            whose attention implementation is ``"sdpa"`` or ``"eager"``; full-attention layers only.
+        callback: called as ``callback(call: AttentionCall)`` once per layer per forward pass,
+            inside the layer, after its attention ran. Its return value is ignored; an exception
+            propagates (and the capture is removed).
+
+    Returns:
+        an ``AttentionCapture`` context manager; the model's outputs are unchanged under it.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel``, ``callback`` not callable.
+        ValueError: the model's attention cannot be captured (see ``check_supported_model``).
+
+    Example::
+
+        seen = {}
+        with capture_attention(model, lambda call: seen.__setitem__(call.layer_idx,
+                                                                  call.query.shape)):
+            model(input_ids)
+    """
+    return AttentionCapture(model, callback)

@@ -1,0 +1,505 @@
+"""``ProxyKV``: compress a transformers target's KV cache with scores from a small proxy (or from
+the target itself, for the baselines), then generate from the compressed cache.
+
+    pipe = ProxyKV(target, proxy, aligner="depth_interp", policy="topk", keep_ratio=0.3)
+    cache = pipe.compress(context_ids)                  # a CompressedCache (.selection, .stats)
+    answer = pipe.generate(question_ids, 32, cache=cache)   # cache is back to the context after
+
+Stages of ``compress`` (each timed in ``cache.stats``):
+
+1. **target prefill** — the target's plain prefill into a ``DynamicCache``; with ``proxy=None``
+   the scorer runs on the target and this is its prefill (the baselines: SnapKV = ``window``,
+   KVzip = ``reconstruction``).
+2. **proxy prefill + scoring** — the scorer on the proxy, *concurrently* with stage 1: in a
+   worker thread, on a second CUDA stream when both models share one GPU, on the proxy's own
+   device when it has one (``proxy_device``).
+3. **align** — the proxy's per-KV-head attention mass ``[B, Lp, Hp, T]`` -> log-scores ->
+   the aligner -> target scores ``[B, Lt, Ht, T]``.
+4. **select** — the policy (per row of a padded batch, on its own tokens, so each row is selected
+   as if it ran alone; padded positions are never kept).
+5. **compact** — the gather kernels copy the kept pairs out; the full cache is released.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from proxykv._validation import check_float, check_int
+from proxykv.align import Aligner, get_aligner, load as load_aligner, to_log_scores
+from proxykv.hf.capture import check_supported_model
+from proxykv.hf.compressed import (
+    CompressedCache,
+    enable_compressed_attention,
+    is_compressed_attention,
+)
+from proxykv.hf.scorers import (
+    Scorer,
+    _cache_argument,
+    _forward,
+    _num_kv_heads,
+    _num_layers,
+    _Prompt,
+    get_scorer,
+)
+from proxykv.policies import Policy, get_policy
+from proxykv.selection import Selection
+
+STAGES = ("target_prefill", "proxy_scoring", "align", "select", "compact")
+
+
+@dataclass
+class CompressionStats:
+    """What ``ProxyKV.compress`` did.
+
+    Attributes:
+        seconds: wall time per stage (``STAGES``) and ``total``. ``target_prefill`` and
+            ``proxy_scoring`` overlap when they run concurrently; with ``proxy=None``
+            ``proxy_scoring`` is 0 and ``target_prefill`` includes the target's own scoring.
+        concurrent: whether the proxy ran concurrently with the target's prefill.
+        kv_bytes_before: bytes of the target's full KV cache (keys + values).
+        kv_bytes_after: bytes of the kept pairs (keys + values).
+        cache_bytes: bytes the compressed cache holds: the kept pairs, and for a per-head cache
+            its positions, metadata and the spare rows reserved for appended tokens.
+        kept: int64 ``[B, Lt, Ht]`` positions kept per row, layer and KV head (CPU).
+        context_length: ``T``; valid_lengths: tokens per row.
+    """
+
+    seconds: dict[str, float]
+    concurrent: bool
+    kv_bytes_before: int
+    kv_bytes_after: int
+    cache_bytes: int
+    kept: torch.Tensor
+    context_length: int
+    valid_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """float ``[B, Lt, Ht]``: kept positions over each row's tokens."""
+        valid = torch.tensor(self.valid_lengths, dtype=torch.float64).view(-1, 1, 1)
+        return self.kept.double() / valid
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["kept"] = self.kept.tolist()
+        return data
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        lines = [f"context {self.context_length} tokens, KV {self.kv_bytes_before / 2**20:.2f} MiB "
+                 f"-> {self.kv_bytes_after / 2**20:.2f} MiB "
+                 f"({100 * (1 - self.kv_bytes_after / max(1, self.kv_bytes_before)):.1f}% saved)"]
+        timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items())
+        lines.append(f"{'concurrent' if self.concurrent else 'sequential'}: {timing}")
+        return "\n".join(lines)
+
+
+class ProxyKV:
+    """Cross-model proxy KV-cache compression over transformers models.
+
+    Args:
+        target: the model whose cache is compressed (Llama / Qwen2 / Qwen3, ``sdpa`` or ``eager``
+            attention). Its attention is switched to the compressed attention
+            (``enable_compressed_attention``), which equals the stock one for every other cache;
+            ``close()`` switches it back.
+        proxy: a smaller model of the same family (same vocabulary and tokenizer), or None to
+            score with the target itself (the baselines).
+        aligner: proxy -> target score aligner: an ``Aligner``, a registered name (built for the
+            two models' shapes; parameter-free ones like ``depth_interp`` need no training) or the
+            path of a saved aligner. Default with a proxy: ``"depth_interp"``. Must be None
+            without a proxy.
+        policy: a ``Policy`` or a registered name (``get_policy(name)``), default ``"topk"``.
+        scorer: a ``Scorer`` or a registered name (``get_scorer(name)``), default
+            ``"reconstruction"`` (KVzip).
+        keep_ratio, budget: the policy's budget (exactly one, unless the policy picks its own).
+        proxy_device: where the proxy runs (the proxy is moved there); default: where it is.
+        concurrent: run the proxy concurrently with the target's prefill (default True).
+        impl: backend of the kernels (``None``, ``"torch"``, ``"triton"``): the gather, the
+            attention over the compressed cache and a scorer given by name.
+
+    Raises:
+        TypeError, ValueError: unsupported models, a proxy whose vocabulary or tokenizer differs,
+            an aligner whose shapes do not match the models, a bad budget — before any change
+            to the models.
+    """
+
+    def __init__(self, target, proxy=None, *, aligner=None, policy="topk",
+                 scorer="reconstruction", keep_ratio: float | None = None,
+                 budget: int | None = None, proxy_device=None, concurrent: bool = True,
+                 reserve_steps: int = 256, impl: str | None = None):
+        check_supported_model(target)
+        self.target, self.proxy = target, proxy
+        self.target_shape = (_num_layers(target), _num_kv_heads(target))
+        if proxy is not None:
+            check_supported_model(proxy)
+            check_same_vocabulary(target, proxy)
+            self.proxy_shape = (_num_layers(proxy), _num_kv_heads(proxy))
+        elif aligner is not None:
+            raise ValueError("aligner needs a proxy: with proxy=None the target scores itself")
+        self.aligner = self._build_aligner(aligner) if proxy is not None else None
+        self.policy = get_policy(policy) if isinstance(policy, str) else policy
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"policy must be a Policy or a registered name, got "
+                            f"{type(policy).__name__}")
+        self.scorer = get_scorer(scorer, impl=impl) if isinstance(scorer, str) else scorer
+        if not isinstance(self.scorer, Scorer):
+            raise TypeError(f"scorer must be a proxykv.hf.Scorer or a registered name, got "
+                            f"{type(scorer).__name__}")
+        self._check_budget(keep_ratio, budget)
+        self.keep_ratio, self.budget = keep_ratio, budget
+        if not isinstance(concurrent, bool):
+            raise TypeError(f"concurrent must be a bool, got {type(concurrent).__name__}")
+        self.concurrent = concurrent
+        self.reserve_steps = check_int("reserve_steps", reserve_steps, minimum=0)
+        self.impl = impl
+        if proxy is not None and proxy_device is not None:
+            proxy.to(torch.device(proxy_device))
+        if self.aligner is not None and proxy is not None:
+            self.aligner.to(_device(proxy))
+        self._previous_attention = target.config._attn_implementation
+        enable_compressed_attention(target)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _build_aligner(self, aligner) -> Aligner:
+        if aligner is None:
+            aligner = "depth_interp"
+        if isinstance(aligner, (str, Path)) and Path(aligner).is_dir():
+            built = load_aligner(aligner)
+        elif isinstance(aligner, str):
+            built = get_aligner(aligner, self.proxy_shape, self.target_shape)
+        elif isinstance(aligner, Aligner):
+            built = aligner
+        else:
+            raise TypeError(f"aligner must be an Aligner, a registered name or a directory, got "
+                            f"{type(aligner).__name__}")
+        if built.proxy_shape != self.proxy_shape or built.target_shape != self.target_shape:
+            raise ValueError(f"aligner maps (layers, KV heads) {built.proxy_shape} -> "
+                             f"{built.target_shape}, but the proxy has {self.proxy_shape} and the "
+                             f"target {self.target_shape}")
+        return built.eval()
+
+    def _check_budget(self, keep_ratio, budget) -> None:
+        name = f"policy {self.policy!r}"
+        if not self.policy.needs_budget:
+            if keep_ratio is not None or budget is not None:
+                raise ValueError(f"{name} chooses its own budget: pass neither keep_ratio nor "
+                                 f"budget")
+            return
+        if (keep_ratio is None) == (budget is None):
+            raise ValueError(f"{name} needs exactly one of keep_ratio and budget, got "
+                             f"keep_ratio={keep_ratio!r}, budget={budget!r}")
+        if keep_ratio is not None:
+            check_float("keep_ratio", keep_ratio, minimum=0.0, maximum=1.0,
+                        exclusive_minimum=True, meaning="the fraction of positions kept")
+        else:
+            check_int("budget", budget, minimum=1)
+
+    def close(self) -> None:
+        """Switch the target back to its stock attention."""
+        if is_compressed_attention(self.target):
+            self.target.set_attn_implementation(self._previous_attention)
+
+    def __enter__(self) -> ProxyKV:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        budget = f"keep_ratio={self.keep_ratio}" if self.keep_ratio is not None else \
+            f"budget={self.budget}"
+        return (f"ProxyKV(target={type(self.target).__name__}{self.target_shape}, "
+                f"proxy={type(self.proxy).__name__ + str(self.proxy_shape) if self.proxy else None}, "
+                f"aligner={getattr(self.aligner, 'name', None)}, policy={self.policy!r}, "
+                f"scorer={self.scorer!r}, {budget})")
+
+    # ------------------------------------------------------------------ compress
+    def compress(self, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> CompressedCache:
+        """Prefill ``input_ids`` ``[B, T]`` (left padding via ``attention_mask``), score, align,
+        select and compact; returns the ``CompressedCache`` (with ``.selection`` and ``.stats``).
+
+        Raises ``ValueError`` for ids outside the vocabulary, a prompt longer than either model's
+        ``max_position_embeddings``, a mask that is not left padding; nothing is modified then.
+        """
+        prompt = _Prompt(self.target, input_ids, attention_mask)
+        if self.proxy is not None:
+            proxy_device = _device(self.proxy)
+            proxy_ids = input_ids.to(proxy_device)
+            proxy_mask = None if attention_mask is None else attention_mask.to(proxy_device)
+            _Prompt(self.proxy, proxy_ids, proxy_mask)  # validated before anything runs
+        seconds = dict.fromkeys(STAGES, 0.0)
+        start = time.perf_counter()
+        if self.proxy is None:
+            scores, full_cache = self.scorer.score(self.target, input_ids, attention_mask)
+            _synchronize(prompt.device)
+            seconds["target_prefill"] = time.perf_counter() - start
+            concurrent = False
+        else:
+            concurrent = self.concurrent
+            full_cache, proxy_scores = self._prefill_and_score(
+                prompt, input_ids, attention_mask, proxy_ids, proxy_mask, seconds)
+            tick = time.perf_counter()
+            with torch.no_grad():
+                scores = self.aligner(to_log_scores(proxy_scores)).to(prompt.device)
+            _synchronize(prompt.device)
+            seconds["align"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        selection = self.select(scores, prompt.pad)
+        _synchronize(prompt.device)
+        seconds["select"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        layers = [(layer.keys, layer.values) for layer in full_cache.layers]
+        bytes_before = sum(k.nbytes + v.nbytes for k, v in layers)
+        bytes_per_row = 2 * layers[0][0].shape[-1] * layers[0][0].element_size()
+        cache = CompressedCache.from_selection(layers, selection, valid_lengths=prompt.valid,
+                                               reserve_steps=self.reserve_steps, impl=self.impl)
+        del layers, full_cache  # the full cache's memory goes back now
+        _synchronize(prompt.device)
+        seconds["compact"] = time.perf_counter() - tick
+        seconds["total"] = time.perf_counter() - start
+        kept = selection.counts().cpu()
+        cache.stats = CompressionStats(seconds, concurrent, bytes_before,
+                                       int(kept.sum()) * bytes_per_row, cache.nbytes, kept,
+                                       prompt.length, prompt.valid)
+        return cache
+
+    def _prefill_and_score(self, prompt, input_ids, attention_mask, proxy_ids, proxy_mask,
+                           seconds):
+        """Target prefill and proxy scoring, concurrently when asked; returns (cache, scores)."""
+        result: dict = {}
+
+        def score_on_proxy():
+            try:
+                tick = time.perf_counter()
+                device = proxy_ids.device
+                stream = None
+                if device.type == "cuda" and self.concurrent:
+                    stream = torch.cuda.Stream(device=device)
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                    scores, _ = self.scorer.score(self.proxy, proxy_ids, proxy_mask)
+                _synchronize(device)
+                result["scores"] = scores
+                seconds["proxy_scoring"] = time.perf_counter() - tick
+            except BaseException as error:  # re-raised in the caller's thread
+                result["error"] = error
+
+        def prefill_target():
+            tick = time.perf_counter()
+            cache = prefill(self.target, prompt)
+            _synchronize(prompt.device)
+            seconds["target_prefill"] = time.perf_counter() - tick
+            return cache
+
+        if self.concurrent:
+            worker = threading.Thread(target=score_on_proxy, name="proxykv-proxy", daemon=True)
+            worker.start()
+            try:
+                cache = prefill_target()
+            finally:
+                worker.join()
+        else:
+            cache = prefill_target()
+            score_on_proxy()
+        if "error" in result:
+            raise result["error"]
+        return cache, result["scores"]
+
+    def select(self, scores: torch.Tensor, pad: list[int] | None = None) -> Selection:
+        """The policy's selection on target scores ``[B, Lt, Ht, T]``; rows with left padding
+        ``pad[b]`` are selected on their own tokens (as if each ran alone)."""
+        budget = {"keep_ratio": self.keep_ratio, "budget": self.budget}
+        if not pad or not any(pad):
+            return self.policy.select(scores, **budget)
+        batch, layers, heads, length = scores.shape
+        mask = torch.zeros(batch, layers, heads, length, dtype=torch.bool, device=scores.device)
+        for row, rows_pad in enumerate(pad):
+            row_selection = self.policy.select(scores[row:row + 1, ..., rows_pad:], **budget)
+            mask[row:row + 1, ..., rows_pad:] = row_selection.to_mask()
+        return Selection.from_mask(mask)
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
+                 cache: CompressedCache | None = None,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token ids ``[B, n + new]``: ``input_ids`` followed by up to ``max_new_tokens``
+        generated ones (greedy unless ``do_sample``; rows that reached ``eos_token_id`` are
+        filled with ``pad_token_id``; generation stops when every row has).
+
+        With ``cache`` (a ``CompressedCache`` from ``compress``), ``input_ids`` ``[B, n]``
+        continue the compressed context (a question, no padding): they attend to the kept pairs
+        through ``ragged_attention``, then decoding continues; afterwards the cache is back to
+        its compressed state, so it can answer another question. Without ``cache``, the prompt
+        but its last token is compressed, and the last token starts the generation over it.
+        """
+        check_int("max_new_tokens", max_new_tokens, minimum=1)
+        if cache is None:
+            if attention_mask is not None and attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have the shape of input_ids "
+                                 f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+            if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+                raise ValueError(f"input_ids must be [B, T] with T >= 2 without a cache (the "
+                                 f"context is all but the last token), got "
+                                 f"{tuple(input_ids.shape)}")
+            context_mask = None if attention_mask is None else attention_mask[:, :-1]
+            cache = self.compress(input_ids[:, :-1], context_mask)
+            new = self.generate(input_ids[:, -1:], max_new_tokens, cache=cache,
+                                do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id, generator=generator)
+            return torch.cat([input_ids, new[:, 1:]], dim=1)
+        if not isinstance(cache, CompressedCache):
+            raise TypeError(f"cache must be a CompressedCache from ProxyKV.compress, got "
+                            f"{type(cache).__name__}")
+        if attention_mask is not None:
+            raise ValueError("a question continuing a compressed cache takes no attention_mask "
+                             "(it cannot be padded)")
+        question = _Prompt(self.target, input_ids, None)
+        if question.batch != cache.batch_size:
+            raise ValueError(f"input_ids has batch size {question.batch}, the compressed cache "
+                             f"{cache.batch_size}")
+        max_positions = getattr(self.target.config, "max_position_embeddings", None)
+        if max_positions is not None and \
+                max(cache.valid_lengths) + cache.appended + question.length + max_new_tokens - 1 \
+                > max_positions:
+            raise ValueError(f"the context ({max(cache.valid_lengths)} tokens), the question "
+                             f"({question.length}) and max_new_tokens={max_new_tokens} pass the "
+                             f"target's max_position_embeddings = {max_positions}")
+        choose = _token_chooser(do_sample, temperature, top_k, top_p, generator)
+        eos = _id_set("eos_token_id", eos_token_id if eos_token_id is not None
+                      else self.target.generation_config.eos_token_id)
+        pad_id = pad_token_id if pad_token_id is not None else \
+            (self.target.generation_config.pad_token_id or (min(eos) if eos else 0))
+        device = question.device
+        start = torch.tensor(cache.valid_lengths, device=device).unsqueeze(1) + cache.appended
+        cache_kw = _cache_argument(self.target)
+        if not is_compressed_attention(self.target):
+            enable_compressed_attention(self.target)
+        tokens, generated = question.ids, []
+        finished = torch.zeros(question.batch, dtype=torch.bool, device=device)
+        try:
+            with torch.no_grad():
+                for _ in range(max_new_tokens):
+                    positions = start + torch.arange(tokens.shape[1], device=device)
+                    logits = self.target(input_ids=tokens, position_ids=positions,
+                                         use_cache=True, logits_to_keep=1,
+                                         **{cache_kw: cache}).logits[:, -1].float()
+                    next_token = choose(logits)
+                    next_token = torch.where(finished, torch.full_like(next_token, pad_id),
+                                             next_token)
+                    generated.append(next_token)
+                    if eos:
+                        finished |= torch.isin(next_token, torch.tensor(sorted(eos),
+                                                                        device=device))
+                        if bool(finished.all()):
+                            break
+                    start = start + tokens.shape[1]
+                    tokens = next_token.unsqueeze(1)
+        finally:
+            cache.restore()
+        return torch.cat([question.ids.to(input_ids.dtype),
+                          torch.stack(generated, dim=1).to(input_ids.dtype)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def prefill(model, prompt: _Prompt):
+    """The plain prefill of a validated prompt into a new ``DynamicCache`` (positions from the
+    mask's running sum, as ``generate`` numbers them)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        _forward(model, _cache_argument(model), prompt.ids, prompt.mask,
+                 prompt.positions(prompt.mask, 0, prompt.length), cache)
+    return cache
+
+
+def check_same_vocabulary(target, proxy) -> None:
+    """The proxy's token ids must mean what the target's do: same vocabulary size, special tokens
+    and (when both were loaded from local folders holding one) the same tokenizer."""
+    fields = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    for name in fields:
+        t_value = getattr(target.config, name, None)
+        p_value = getattr(proxy.config, name, None)
+        if t_value != p_value:
+            raise ValueError(f"the proxy's {name} is {p_value!r} but the target's is {t_value!r}: "
+                             f"a proxy must share the target's vocabulary and tokenizer (token "
+                             f"positions would not line up)")
+    tokenizers = []
+    for model in (target, proxy):
+        folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+        path = folder / "tokenizer.json"
+        tokenizers.append(path if folder.is_dir() and path.is_file() else None)
+    if all(tokenizers):
+        vocabularies = [json.loads(p.read_text()).get("model", {}).get("vocab") for p in tokenizers]
+        if vocabularies[0] != vocabularies[1]:
+            raise ValueError(f"the proxy's tokenizer ({tokenizers[1]}) differs from the target's "
+                             f"({tokenizers[0]}): token positions would not line up")
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _id_set(name: str, value) -> set[int]:
+    if value is None:
+        return set()
+    values = [value] if isinstance(value, int) else list(value)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+    return set(values)
+
+
+def _token_chooser(do_sample: bool, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return lambda logits: logits.argmax(dim=-1)
+    temperature = check_float("temperature", temperature, minimum=0.0, exclusive_minimum=True)
+    if top_k is not None:
+        check_int("top_k", top_k, minimum=1)
+    if top_p is not None:
+        top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            mass = ordered.softmax(-1).cumsum(-1)
+            drop = mass - ordered.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return choose
+
+
+__all__ = ["STAGES", "CompressionStats", "ProxyKV", "check_same_vocabulary", "prefill"]
