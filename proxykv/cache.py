@@ -39,9 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from proxykv._validation import INT32_MAX, check_float, check_int, check_tensor
+from proxykv._validation import INT32_MAX, check_float, check_int, check_nonempty, check_tensor
 from proxykv.kernels.attend.api import ragged_attention, ragged_decode_attention
-from proxykv._validation import check_nonempty
 from proxykv.kernels.gather.api import gather_kv_ragged
 from proxykv.selection import Selection
 

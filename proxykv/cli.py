@@ -93,17 +93,14 @@ def _load_pair(args: argparse.Namespace):
         if not (path / "config.json").is_file():
             raise UsageError(f"--{flag} {path}: not a model folder (no config.json)")
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from proxykv.hf.tokenizers import load_tokenizer
     except ImportError:
         raise UsageError("this command needs transformers: pip install 'proxykv[hf]'") from None
     target = AutoModelForCausalLM.from_pretrained(args.target).to(args.device).eval()
     proxy = AutoModelForCausalLM.from_pretrained(args.proxy).to(args.device).eval()
-    tokenizer = None
-    # transformers 5 builds an empty tokenizer for a folder that has none: look for its files.
-    if any((Path(args.target) / name).is_file()
-           for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
-    return target, proxy, tokenizer
+    return target, proxy, load_tokenizer(args.target)
 
 
 def _read_prompts(path) -> list[str]:
@@ -161,6 +158,94 @@ def _align_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    _require_available(args.device)
+    try:
+        from proxykv.zoo.demo import run_demo
+    except ImportError as error:
+        raise UsageError(f"the demo needs the hf extra ({error}): pip install 'proxykv[hf]'") \
+            from None
+    run_demo(keep_ratio=args.keep_ratio, device=args.device)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import shlex
+    from pathlib import Path
+
+    _require_available(args.device)
+    from proxykv.zoo.evaluate import (
+        KEEP_RATIOS,
+        METHODS,
+        TRAINED_ALIGNERS,
+        EvalConfig,
+        load_pair,
+        markdown_table,
+        plot,
+        run_eval,
+        summary,
+    )
+
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(METHODS)}")
+    for flag in ("target", "proxy", "aligner", "linear_aligner"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_dir():
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: no such folder")
+    aligner_paths = None
+    if args.aligner is not None or args.linear_aligner is not None or args.target is not None:
+        aligner_paths = {"axial": args.aligner, "linear": args.linear_aligner}
+    target, proxy, tokenizer, aligners = load_pair(args.target, args.proxy, aligner_paths,
+                                                   args.device)
+    methods = tuple(args.methods or [m for m in METHODS if METHODS[m].aligner is None
+                                     or METHODS[m].aligner not in TRAINED_ALIGNERS
+                                     or METHODS[m].aligner in aligners])
+    config = EvalConfig(n=args.n or (4 if args.quick else 32), length=args.length,
+                        seed=args.seed, methods=methods,
+                        keep_ratios=tuple(args.keep_ratios or
+                                          ((0.1, 0.3) if args.quick else KEEP_RATIOS)))
+    try:
+        records = run_eval(target, proxy, tokenizer, aligners, config)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    command = "proxykv " + " ".join(shlex.quote(a) for a in args.argv)
+    table = markdown_table(records, command)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.plot:
+        plot(records, args.plot)
+    print(json.dumps(summary(records)))
+    return 0
+
+
+def _zoo_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from proxykv.zoo.aligners import train_aligners
+    from proxykv.zoo.train import SCHEDULES, train
+
+    out = Path(args.out)
+    for name in args.models:
+        if name not in SCHEDULES:
+            raise UsageError(f"--models: unknown {name!r}; choose from {', '.join(SCHEDULES)}")
+    results = {}
+    for name in args.models:
+        info = train(out / name, name, args.seed, threads=args.threads,
+                     log=lambda message: print(message, flush=True))
+        results[name] = info.get("accuracy")
+    if args.aligners:
+        results["aligners"] = train_aligners(out / "target", out / "proxy", out, seed=args.seed)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from proxykv import __version__
 
@@ -215,12 +300,64 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--seed", type=int, default=0)
     align.add_argument("--device", type=_device, default="cpu", help=device_help)
     align.set_defaults(handler=_align_train)
+
+    demo = commands.add_parser(
+        "demo", help="ProxyKV on the zoo's model pair: one prompt compressed at keep 0.3, its "
+                     "questions answered with the full and the compressed cache",
+        description="Load the zoo's target and proxy, compress one multi-query prompt with "
+                    "ProxyKV and answer its questions with the full and the compressed cache; "
+                    "print the kept fraction per layer and head, memory saved and timings.")
+    demo.add_argument("--keep-ratio", type=float, default=0.3)
+    demo.add_argument("--device", type=_device, default="cpu", help=device_help)
+    demo.set_defaults(handler=_demo)
+
+    evaluate = commands.add_parser(
+        "eval", help="accuracy under compression and scoring cost per method and keep ratio",
+        description="Evaluate full, random, sink_recent, snapkv, kvzip and the ProxyKV variants "
+                    "on the zoo's tasks (multikey, multiquery, vartrack; contexts compressed "
+                    "before the questions) at several keep ratios; print a Markdown table.")
+    evaluate.add_argument("--seed", type=int, default=0, help="evaluation seed (disjoint from "
+                                                              "training seeds)")
+    evaluate.add_argument("--quick", action="store_true",
+                          help="a reduced run (4 samples per task, keep 0.1 and 0.3) for CI")
+    evaluate.add_argument("--n", type=int, default=None, help="samples per task (default 32)")
+    evaluate.add_argument("--length", type=int, default=1024, help="context tokens")
+    evaluate.add_argument("--keep-ratios", type=float, nargs="+", default=None)
+    evaluate.add_argument("--methods", nargs="+", default=None)
+    evaluate.add_argument("--json", default=None, help="write the records (a JSON list) here")
+    evaluate.add_argument("--markdown", default=None, help="write the table here")
+    evaluate.add_argument("--plot", default=None, help="write the accuracy plot (PNG) here")
+    evaluate.add_argument("--target", default=None, help="target model folder (default: zoo)")
+    evaluate.add_argument("--proxy", default=None, help="proxy model folder (default: zoo)")
+    evaluate.add_argument("--aligner", default=None, help="trained axial aligner folder")
+    evaluate.add_argument("--linear-aligner", default=None,
+                          help="trained linear aligner folder")
+    evaluate.add_argument("--device", type=_device, default="cpu", help=device_help)
+    evaluate.set_defaults(handler=_eval)
+
+    zoo = commands.add_parser("zoo", help="the model zoo: 'proxykv zoo train'",
+                              description="The zoo's models: train them from a seed.")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND")
+    zoo_train = zoo_commands.add_parser(
+        "train", help="train the zoo's target, proxy and aligners from a seed (resumable)",
+        description="Train the zoo's target and proxy (proxykv.zoo.train; about 20 + 20 minutes "
+                    "on a 2-core CPU, resumable from OUT/<model>/checkpoints) and then their "
+                    "linear and axial aligners on teacher data from training seeds, into OUT. "
+                    "The committed weights (proxykv/zoo/weights) were made this way.")
+    zoo_train.add_argument("--out", required=True, help="output folder")
+    zoo_train.add_argument("--models", nargs="+", default=["target", "proxy"])
+    zoo_train.add_argument("--seed", type=int, default=0)
+    zoo_train.add_argument("--threads", type=int, default=None, help="torch threads")
+    zoo_train.add_argument("--no-aligners", dest="aligners", action="store_false",
+                           help="skip the aligners (they need both models in OUT)")
+    zoo_train.set_defaults(handler=_zoo_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except UsageError as error:

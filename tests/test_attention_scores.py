@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxykv import attention_scores
 from proxykv.kernels.attention import triton_impl

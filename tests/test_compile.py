@@ -12,8 +12,12 @@ import sys
 
 import pytest
 
-from proxykv.testing.compile_check import (PRIMARY_ARCH, SHARED_MEMORY_LIMIT, collect_specs,
-                                           variant_group)
+from proxykv.testing.compile_check import (
+    PRIMARY_ARCH,
+    SHARED_MEMORY_LIMIT,
+    collect_specs,
+    variant_group,
+)
 
 SPEC_NAMES = [spec.name for spec in collect_specs()]
 

@@ -158,7 +158,8 @@ def test_import_proxykv_without_transformers():
         "    assert 'pip install proxykv[hf]' in str(error), error\n"
         "    print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

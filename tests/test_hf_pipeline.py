@@ -260,6 +260,25 @@ def test_close_restores_the_attention(models):
     assert target.config._attn_implementation == "proxykv_sdpa"
     pipe.close()
     assert target.config._attn_implementation == "sdpa"
+    first, second = ProxyKV(target, keep_ratio=0.5), ProxyKV(target, keep_ratio=0.5)
+    first.close()  # out of order: the second still needs the compressed attention
+    assert target.config._attn_implementation == "proxykv_sdpa"
+    second.close()
+    second.close()
+    assert target.config._attn_implementation == "sdpa"
+
+
+def test_score_once_compact_at_several_budgets(models):
+    target, proxy = models["qwen2"]
+    ids = ids_of(1, 40, seed=21)
+    with make(target, proxy, policy="head_budget", keep_ratio=0.5) as pipe:
+        scored = pipe.score(ids)
+        for ratio in (0.2, 0.5):
+            assert torch.equal(pipe.compact(scored, keep_ratio=ratio).selection.to_mask(),
+                               pipe.compress(ids, keep_ratio=ratio).selection.to_mask())
+        scored.release()
+        with pytest.raises(ValueError, match="released"):
+            pipe.compact(scored)
 
 
 def test_per_head_cache_refuses_the_stock_attention(models):

@@ -29,5 +29,5 @@ def test_ci_runs_the_readme_commands_as_written():
                      for n in ("1", "2"))
     readme = (ROOT / "README.md").read_text()
     assert readme.index(first) < readme.index(second)
-    assert 'pip install -e .' in first and "[test]" not in first
+    assert "pip install -e" in first and "[test]" not in first and "proxykv demo" in first
     assert "pytest" in second

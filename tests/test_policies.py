@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
-
-from proxykv.testing import assert_close
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from proxykv.kernels import pool_scores
 from proxykv.policies import get_policy, protect
 from proxykv.policies import reference as ref
+from proxykv.testing import assert_close
 from proxykv.testing.strategies import lengths, score_tensors, strided_views
 
 NEG_INF = float("-inf")

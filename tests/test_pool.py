@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import proxykv.kernels.pool.triton_impl as pool_triton
 from proxykv import pool_scores

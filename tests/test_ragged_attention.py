@@ -14,8 +14,8 @@ from proxykv.kernels import gather_kv_ragged, ragged_attention, ragged_decode_at
 from proxykv.kernels.attend.reference import ragged_attention_reference
 from proxykv.selection import Selection
 from proxykv.testing import assert_close
-from proxykv.testing.assertions import TOLERANCES
 from proxykv.testing import strategies as pst
+from proxykv.testing.assertions import TOLERANCES
 
 IMPLS = ["torch", "triton", None]
 

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxykv.testing import TOLERANCES, assert_close, assert_same_topk_scores
 from proxykv.testing import strategies as pst

@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from proxykv._validation import (check_choice, check_gqa, check_indices, check_int,
-                                 check_same_device, check_same_dtype, check_scale, check_tensor)
+from proxykv._validation import (
+    check_choice,
+    check_gqa,
+    check_indices,
+    check_int,
+    check_same_device,
+    check_same_dtype,
+    check_scale,
+    check_tensor,
+)
 
 
 def test_rank_message_names_the_layout():

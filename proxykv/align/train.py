@@ -323,25 +323,24 @@ def _mean_loss(aligner: Aligner, data: _Data, loss: MultiGranularityLoss) -> flo
 
 
 class _Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line per update otherwise."""
+    """A tqdm bar over the epochs on stderr, with the latest losses as its postfix; the final
+    summary is written as a line of its own."""
 
-    def __init__(self, enabled: bool, label: str):
-        self.enabled, self.label = enabled, label
-        self.interactive = enabled and sys.stderr.isatty()
-        self._last = 0.0
+    def __init__(self, enabled: bool, label: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.label, self.enabled = label, enabled
+        self.bar = tqdm(total=total, desc=label, disable=not enabled, file=sys.stderr,
+                        mininterval=0.5, leave=False)
 
     def update(self, text: str, *, final: bool = False) -> None:
-        if not self.enabled:
+        if final:
+            self.bar.close()
+            if self.enabled:
+                print(f"{self.label} {text}", file=sys.stderr, flush=True)
             return
-        now = time.monotonic()
-        if self.interactive:
-            if final or now - self._last > 0.1:
-                sys.stderr.write(f"\r{self.label} {text}\033[K" + ("\n" if final else ""))
-                sys.stderr.flush()
-                self._last = now
-        elif final or now - self._last > 2.0:
-            print(f"{self.label} {text}", file=sys.stderr, flush=True)
-            self._last = now
+        self.bar.update(1)
+        self.bar.set_postfix_str(text, refresh=False)
 
 
 def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
@@ -377,7 +376,7 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
         ridge: per-token L2 penalty of the closed-form fit (on standardised features).
         keep_ratios: keep ratios of the reported recall metrics.
         seed: shuffling and the held-out split.
-        progress: print a status line to stderr while fitting.
+        progress: a progress bar (tqdm) on stderr while fitting, and a summary line.
 
     Returns:
         ``FitResult``; ``result.metrics`` holds ``recall@0.1/0.3/0.5``, ``global_recall@…``,
@@ -422,7 +421,7 @@ def fit_aligner(aligner: Aligner, proxy_scores, target_scores=None, *,
 
     train, held_out, evaluated_on = _split(aligner, proxy_scores, target_scores, val_fraction,
                                            val_data, batch_size, seed)
-    report = _Progress(progress, f"[fit {aligner.name}]")
+    report = _Progress(progress, f"[fit {aligner.name}]", epochs if chosen == "gradient" else 0)
     started = time.monotonic()
     result = FitResult(metrics={}, method=chosen, evaluated_on=evaluated_on)
     if chosen == "closed_form":
@@ -486,10 +485,9 @@ def _gradient_fit(aligner: Aligner, train: _Data, held_out: _Data | None,
             best_state = {k: v.detach().clone() for k, v in aligner.state_dict().items()}
         else:
             stale += 1
-        report.update(f"epoch {epoch}/{epochs}  step {result.steps}  train {train_loss:.4f}  "
-                      f"{'val' if held_out is not None else 'train'} {val_loss:.4f}  "
-                      f"best {best_loss:.4f} @ {result.best_epoch}  "
-                      f"{time.monotonic() - started:.1f}s")
+        report.update(f"step {result.steps} train {train_loss:.4f} "
+                      f"{'val' if held_out is not None else 'train'} {val_loss:.4f} "
+                      f"best {best_loss:.4f} @ {result.best_epoch}")
         if stale >= patience or out_of_time:
             result.stopped_early = True
             break

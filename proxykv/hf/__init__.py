@@ -40,6 +40,7 @@ from proxykv.hf.pipeline import STAGES, CompressionStats, ProxyKV, prefill
 from proxykv.hf.scorers import (
     DEFAULT_REPEAT_PROMPT_IDS,
     DEFAULT_REPEAT_PROMPT_TEXT,
+    RandomScorer,
     ReconstructionScorer,
     Scorer,
     ScorerOutput,
@@ -57,7 +58,8 @@ __all__ = [
     "disable_compressed_attention", "enable_compressed_attention", "prefill",
     "register_compressed_attention",
     "DEFAULT_REPEAT_PROMPT_IDS", "DEFAULT_REPEAT_PROMPT_TEXT", "SUPPORTED_ATTN_IMPLEMENTATIONS",
-    "SUPPORTED_MODEL_TYPES", "AttentionCall", "AttentionCapture", "ReconstructionScorer",
+    "SUPPORTED_MODEL_TYPES", "AttentionCall", "AttentionCapture", "RandomScorer",
+    "ReconstructionScorer",
     "Scorer", "ScorerOutput", "WindowScorer", "available_scorers", "capture_attention",
     "check_supported_model", "get_scorer", "register_scorer", "unregister_scorer",
 ]

@@ -109,7 +109,8 @@ def check_supported_model(model) -> str:
         raise ValueError(f"model {type(model).__name__} uses attention implementation "
                          f"{current!r}, which cannot be captured; supported: "
                          f"{', '.join(SUPPORTED_ATTN_IMPLEMENTATIONS)} (load the model with "
-                         f"attn_implementation='sdpa' or call model.set_attn_implementation('sdpa'))")
+                         f"attn_implementation='sdpa' or call "
+                         f"model.set_attn_implementation('sdpa'))")
     return current
 
 
@@ -176,8 +177,8 @@ class AttentionCapture:
             self.model.set_attn_implementation(name)
             if self.model.config._attn_implementation != name:
                 raise ValueError(f"model {type(self.model).__name__} did not accept the attention "
-                                 f"implementation {name!r} (set_attn_implementation ignored it), so "
-                                 f"its attention cannot be captured; supported: "
+                                 f"implementation {name!r} (set_attn_implementation ignored it), "
+                                 f"so its attention cannot be captured; supported: "
                                  f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         except BaseException:
             self._restore()

@@ -25,16 +25,19 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from proxykv._validation import check_float, check_int
-from proxykv.align import Aligner, get_aligner, load as load_aligner, to_log_scores
+from proxykv.align import Aligner, get_aligner, to_log_scores
+from proxykv.align import load as load_aligner
 from proxykv.hf.capture import check_supported_model
 from proxykv.hf.compressed import (
     CompressedCache,
+    disable_compressed_attention,
     enable_compressed_attention,
     is_compressed_attention,
 )
@@ -51,6 +54,8 @@ from proxykv.policies import Policy, get_policy
 from proxykv.selection import Selection
 
 STAGES = ("target_prefill", "proxy_scoring", "align", "select", "compact")
+#: open ProxyKV pipelines per target model: the last one to close restores the stock attention
+_open_pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -98,6 +103,22 @@ class CompressionStats:
         timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items())
         lines.append(f"{'concurrent' if self.concurrent else 'sequential'}: {timing}")
         return "\n".join(lines)
+
+
+@dataclass
+class ScoredPrompt:
+    """A prompt after ``ProxyKV.score``: target-aligned ``scores`` float32 ``[B, Lt, Ht, T]``,
+    the target's full prefill ``cache`` (a ``DynamicCache``), the stage ``seconds`` so far."""
+
+    prompt: _Prompt
+    scores: torch.Tensor
+    cache: object
+    seconds: dict[str, float]
+    concurrent: bool
+
+    def release(self) -> None:
+        """Drop the full cache (its memory goes back once no compressed cache shares it)."""
+        self.cache = None
 
 
 class ProxyKV:
@@ -162,7 +183,8 @@ class ProxyKV:
             proxy.to(torch.device(proxy_device))
         if self.aligner is not None and proxy is not None:
             self.aligner.to(_device(proxy))
-        self._previous_attention = target.config._attn_implementation
+        _open_pipelines[target] = _open_pipelines.get(target, 0) + 1
+        self._open = True
         enable_compressed_attention(target)
 
     # ------------------------------------------------------------------ construction helpers
@@ -201,9 +223,17 @@ class ProxyKV:
             check_int("budget", budget, minimum=1)
 
     def close(self) -> None:
-        """Switch the target back to its stock attention."""
-        if is_compressed_attention(self.target):
-            self.target.set_attn_implementation(self._previous_attention)
+        """Switch the target back to its stock attention once no other open ``ProxyKV`` uses it
+        (idempotent)."""
+        if not self._open:
+            return
+        self._open = False
+        remaining = _open_pipelines.get(self.target, 1) - 1
+        if remaining > 0:
+            _open_pipelines[self.target] = remaining
+            return
+        _open_pipelines.pop(self.target, None)
+        disable_compressed_attention(self.target)
 
     def __enter__(self) -> ProxyKV:  # noqa: PYI034
         return self
@@ -214,20 +244,34 @@ class ProxyKV:
     def __repr__(self) -> str:
         budget = f"keep_ratio={self.keep_ratio}" if self.keep_ratio is not None else \
             f"budget={self.budget}"
-        return (f"ProxyKV(target={type(self.target).__name__}{self.target_shape}, "
-                f"proxy={type(self.proxy).__name__ + str(self.proxy_shape) if self.proxy else None}, "
+        proxy = f"{type(self.proxy).__name__}{self.proxy_shape}" if self.proxy else None
+        return (f"ProxyKV(target={type(self.target).__name__}{self.target_shape}, proxy={proxy}, "
                 f"aligner={getattr(self.aligner, 'name', None)}, policy={self.policy!r}, "
                 f"scorer={self.scorer!r}, {budget})")
 
     # ------------------------------------------------------------------ compress
-    def compress(self, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> CompressedCache:
+    def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 keep_ratio: float | None = None, budget: int | None = None) -> CompressedCache:
         """Prefill ``input_ids`` ``[B, T]`` (left padding via ``attention_mask``), score, align,
         select and compact; returns the ``CompressedCache`` (with ``.selection`` and ``.stats``).
+        ``keep_ratio``/``budget`` override the pipeline's for this call (``score`` +
+        ``compact``).
 
         Raises ``ValueError`` for ids outside the vocabulary, a prompt longer than either model's
         ``max_position_embeddings``, a mask that is not left padding; nothing is modified then.
         """
+        if keep_ratio is not None or budget is not None:
+            self._check_budget(keep_ratio, budget)
+        scored = self.score(input_ids, attention_mask)
+        cache = self.compact(scored, keep_ratio=keep_ratio, budget=budget)
+        scored.release()
+        return cache
+
+    def score(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> ScoredPrompt:
+        """The first stages of ``compress``: the target's prefill, the scores (the proxy's,
+        aligned to the target, or the target's own) — a ``ScoredPrompt`` to ``compact`` at one or
+        several budgets. It holds the full cache until ``release()``."""
         prompt = _Prompt(self.target, input_ids, attention_mask)
         if self.proxy is not None:
             proxy_device = _device(self.proxy)
@@ -250,22 +294,35 @@ class ProxyKV:
                 scores = self.aligner(to_log_scores(proxy_scores)).to(prompt.device)
             _synchronize(prompt.device)
             seconds["align"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        selection = self.select(scores, prompt.pad)
+        seconds["total"] = time.perf_counter() - start
+        return ScoredPrompt(prompt, scores, full_cache, seconds, concurrent)
+
+    def compact(self, scored: ScoredPrompt, *, keep_ratio: float | None = None,
+                budget: int | None = None) -> CompressedCache:
+        """The last stages of ``compress``: select (at ``keep_ratio``/``budget``, default the
+        pipeline's) and gather the kept pairs of ``scored``'s full cache (left intact)."""
+        if keep_ratio is None and budget is None:
+            keep_ratio, budget = self.keep_ratio, self.budget
+        else:
+            self._check_budget(keep_ratio, budget)
+        if scored.cache is None:
+            raise ValueError("this ScoredPrompt was released; score the prompt again")
+        prompt, seconds = scored.prompt, dict(scored.seconds)
+        start = time.perf_counter()
+        selection = self.select(scored.scores, prompt.pad, keep_ratio=keep_ratio, budget=budget)
         _synchronize(prompt.device)
-        seconds["select"] = time.perf_counter() - tick
+        seconds["select"] = time.perf_counter() - start
         tick = time.perf_counter()
-        layers = [(layer.keys, layer.values) for layer in full_cache.layers]
+        layers = [(layer.keys, layer.values) for layer in scored.cache.layers]
         bytes_before = sum(k.nbytes + v.nbytes for k, v in layers)
         bytes_per_row = 2 * layers[0][0].shape[-1] * layers[0][0].element_size()
         cache = CompressedCache.from_selection(layers, selection, valid_lengths=prompt.valid,
                                                reserve_steps=self.reserve_steps, impl=self.impl)
-        del layers, full_cache  # the full cache's memory goes back now
         _synchronize(prompt.device)
         seconds["compact"] = time.perf_counter() - tick
-        seconds["total"] = time.perf_counter() - start
+        seconds["total"] += time.perf_counter() - start
         kept = selection.counts().cpu()
-        cache.stats = CompressionStats(seconds, concurrent, bytes_before,
+        cache.stats = CompressionStats(seconds, scored.concurrent, bytes_before,
                                        int(kept.sum()) * bytes_per_row, cache.nbytes, kept,
                                        prompt.length, prompt.valid)
         return cache
@@ -285,7 +342,7 @@ class ProxyKV:
                     stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream) if stream is not None else _nullcontext():
                     scores, _ = self.scorer.score(self.proxy, proxy_ids, proxy_mask)
-                _synchronize(device)
+                _synchronize(device, stream)
                 result["scores"] = scores
                 seconds["proxy_scoring"] = time.perf_counter() - tick
             except BaseException as error:  # re-raised in the caller's thread
@@ -294,7 +351,7 @@ class ProxyKV:
         def prefill_target():
             tick = time.perf_counter()
             cache = prefill(self.target, prompt)
-            _synchronize(prompt.device)
+            _synchronize(prompt.device, current_stream_only=True)
             seconds["target_prefill"] = time.perf_counter() - tick
             return cache
 
@@ -312,10 +369,14 @@ class ProxyKV:
             raise result["error"]
         return cache, result["scores"]
 
-    def select(self, scores: torch.Tensor, pad: list[int] | None = None) -> Selection:
-        """The policy's selection on target scores ``[B, Lt, Ht, T]``; rows with left padding
-        ``pad[b]`` are selected on their own tokens (as if each ran alone)."""
-        budget = {"keep_ratio": self.keep_ratio, "budget": self.budget}
+    def select(self, scores: torch.Tensor, pad: list[int] | None = None, *,
+               keep_ratio: float | None = None, budget: int | None = None) -> Selection:
+        """The policy's selection on target scores ``[B, Lt, Ht, T]`` at ``keep_ratio``/``budget``
+        (default the pipeline's); rows with left padding ``pad[b]`` are selected on their own
+        tokens (as if each ran alone)."""
+        if keep_ratio is None and budget is None:
+            keep_ratio, budget = self.keep_ratio, self.budget
+        budget = {"keep_ratio": keep_ratio, "budget": budget}
         if not pad or not any(pad):
             return self.policy.select(scores, **budget)
         batch, layers, heads, length = scores.shape
@@ -454,8 +515,16 @@ def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def _synchronize(device: torch.device, stream=None, current_stream_only: bool = False) -> None:
+    """Wait for ``device``'s work: only ``stream``'s, or only the current stream's, when two
+    streams run concurrently (so each stage's time is its own)."""
+    if device.type != "cuda":
+        return
+    if stream is not None:
+        stream.synchronize()
+    elif current_stream_only:
+        torch.cuda.current_stream(device).synchronize()
+    else:
         torch.cuda.synchronize(device)
 
 
@@ -502,4 +571,5 @@ def _token_chooser(do_sample: bool, temperature, top_k, top_p, generator):
     return choose
 
 
-__all__ = ["STAGES", "CompressionStats", "ProxyKV", "check_same_vocabulary", "prefill"]
+__all__ = ["STAGES", "CompressionStats", "ProxyKV", "ScoredPrompt", "check_same_vocabulary",
+           "prefill"]

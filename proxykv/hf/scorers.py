@@ -10,6 +10,8 @@ baselines) or a proxy — and returns the scores together with the prefill's ``D
 
 Registered scorers:
 
+- ``random``: a plain prefill and seeded uniform random scores (the ``random`` baseline; the
+  prefill of policies that ignore scores).
 - ``window`` (SnapKV): the last ``window`` prompt positions' queries against all keys of the
   prompt, ``attention_scores(reduce=..., group_reduce=...)`` (``"mean"``/``"mean"`` by default),
   computed during the prefill.
@@ -308,6 +310,32 @@ def _row_groups(prompt: _Prompt):
 
 def _check_impl(impl) -> None:
     check_choice("impl", impl, IMPLS)
+
+
+# ----------------------------------------------------------------------------------------------
+# random (a baseline; also the prefill of policies that ignore the scores)
+
+
+@register_scorer("random")
+class RandomScorer(Scorer):
+    """A plain prefill and scores drawn uniformly from ``[0, 1)`` with a fixed ``seed`` (the same
+    prompt shape gives the same scores): the ``random`` baseline, and the scorer of policies that
+    ignore scores (``sink_recent``) or of keeping everything, at the cost of the prefill alone."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = check_int("seed", seed)
+
+    def _params(self) -> dict:
+        return {"seed": self.seed}
+
+    def _run(self, model, prompt, cache, scores):
+        _forward(model, _cache_argument(model), prompt.ids, prompt.mask,
+                 prompt.positions(prompt.mask, 0, prompt.length), cache)
+        generator = torch.Generator().manual_seed(self.seed)
+        drawn = torch.rand(scores.shape, generator=generator).to(scores.device)
+        torch.where(scores.isneginf(), scores, drawn, out=scores)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ def tiny_model(arch: str, *, num_layers: int = 2, hidden_size: int = 64, num_hea
     """A tiny random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``."""
     if arch not in TINY_CONFIGS:
         raise ValueError(f"arch must be one of {', '.join(TINY_CONFIGS)}, got {arch!r}")
+    config.setdefault("max_position_embeddings", 1024)
     cfg = TINY_CONFIGS[arch](
         hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-        vocab_size=vocab_size, initializer_range=0.1, max_position_embeddings=1024,
-        tie_word_embeddings=False, **config)
+        vocab_size=vocab_size, initializer_range=0.1, tie_word_embeddings=False, **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,

@@ -15,7 +15,7 @@ from proxykv.policies.base import Policy, Wrapper
 from proxykv.policies.budget import keep_ratio_to_budget
 from proxykv.policies.head_budget import HEAD_BUDGET_SCOPES, HeadBudget
 from proxykv.policies.pooled import Pooled
-from proxykv.policies.protection import Protected, RecentWindow, Recency, protect
+from proxykv.policies.protection import Protected, Recency, RecentWindow, protect
 from proxykv.policies.pyramid import Pyramid
 from proxykv.policies.ranking import top_count_mask
 from proxykv.policies.registry import (

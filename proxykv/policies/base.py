@@ -30,8 +30,13 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from proxykv._validation import (INDEX_DTYPES, as_score_tensor, check_no_nan, check_same_device,
-                                 check_tensor)
+from proxykv._validation import (
+    INDEX_DTYPES,
+    as_score_tensor,
+    check_no_nan,
+    check_same_device,
+    check_tensor,
+)
 from proxykv.policies.budget import resolve_budget
 from proxykv.selection import Selection
 

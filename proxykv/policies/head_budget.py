@@ -3,7 +3,6 @@ budget, so heads with concentrated scores give positions to heads with spread-ou
 
 from __future__ import annotations
 
-
 import torch
 
 from proxykv._validation import check_choice, check_float

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from proxykv._validation import check_float, check_int

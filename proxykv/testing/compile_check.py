@@ -128,29 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [index for index, spec in enumerate(specs) if not args.name or args.name in spec.name]
     archs = args.arch or sorted(SHARED_MEMORY_LIMIT, reverse=True)
     pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
-    done = 0
-    total = len(chosen) * len(archs)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="compile", unit="variant", file=sys.stderr, mininterval=2.0)
 
     def run(jobs: list[tuple[int, int]]) -> list[dict]:
-        nonlocal done
         results = []
+        bar.total = (bar.total or 0) + len(jobs)
         for result in (pool.map if pool else map)(_compile_by_index, jobs):
-            done += 1
             results.append(result)
             print(json.dumps(result), flush=True)
-            status = "ok" if result["ok"] else "FAILED"
-            print(f"[{done}/{total}] {result['name']} sm_{result['arch']} {status}",
-                  file=sys.stderr, flush=True)
+            bar.update(1)
+            bar.set_postfix_str(f"{result['name']} sm_{result['arch']} "
+                                f"{'ok' if result['ok'] else 'FAILED'}", refresh=False)
         return results
 
     if args.all_archs or PRIMARY_ARCH not in archs:
         run([(index, arch) for index in chosen for arch in archs])
-        return 0
-    primary = run([(index, PRIMARY_ARCH) for index in chosen])
-    sampled = set(largest_per_group(primary))
-    secondary = [index for index in chosen if specs[index].name in sampled]
-    total = len(chosen) + len(secondary) * (len(archs) - 1)
-    run([(index, arch) for index in secondary for arch in archs if arch != PRIMARY_ARCH])
+    else:
+        primary = run([(index, PRIMARY_ARCH) for index in chosen])
+        sampled = set(largest_per_group(primary))
+        secondary = [index for index in chosen if specs[index].name in sampled]
+        run([(index, arch) for index in secondary for arch in archs if arch != PRIMARY_ARCH])
+    bar.close()
     return 0
 
 

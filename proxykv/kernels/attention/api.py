@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 
 from proxykv._backend import OpSpec, dispatch, register_op
-from proxykv._validation import (FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_dim, check_gqa,
-                                 check_int, check_same_device, check_same_dtype, check_scale,
-                                 check_tensor)
+from proxykv._validation import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_choice,
+    check_dim,
+    check_gqa,
+    check_int,
+    check_nonempty,
+    check_same_device,
+    check_same_dtype,
+    check_scale,
+    check_tensor,
+)
 from proxykv.kernels.aggregate.api import GROUP_MODES
 from proxykv.kernels.attention.reference import attention_scores_reference
 from proxykv.kernels.attention.torch_impl import attention_scores_torch
-from proxykv._validation import check_nonempty
 
 QUERY_REDUCTIONS = ("mean", "sum", "max")
 

@@ -12,15 +12,17 @@ from proxykv._validation import (
     INDEX_DTYPES,
     bounds_statistics,
     check_dim,
+    check_int32_size,
+    check_nonempty,
     check_same_device,
     check_same_dtype,
+    check_segment_bounds,
     check_tensor,
     first_true_index,
     raise_for_bounds,
     segment_values_statistics,
+    to_int32_metadata,
 )
-from proxykv._validation import (check_int32_size, check_nonempty,
-                                            check_segment_bounds, to_int32_metadata)
 from proxykv.kernels.gather.reference import gather_kv_ragged_reference, gather_kv_reference
 from proxykv.kernels.gather.torch_impl import gather_kv_ragged_torch, gather_kv_torch
 
