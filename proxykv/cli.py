@@ -136,23 +136,40 @@ def _align_train(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--target {args.target} has no tokenizer, so each line of "
                              f"--prompts must be token ids separated by spaces") from None
+    repeat_prompt = None
+    if args.repeat_prompt is not None:
+        if tokenizer is not None:
+            repeat_prompt = tokenizer(args.repeat_prompt, add_special_tokens=False)["input_ids"]
+        else:
+            try:
+                repeat_prompt = [int(word) for word in args.repeat_prompt.split()]
+            except ValueError:
+                raise UsageError(f"--repeat-prompt: --target {args.target} has no tokenizer, so "
+                                 f"give token ids separated by spaces") from None
+    from proxykv.hf import get_scorer
+
+    scorer = get_scorer("reconstruction", repeat_prompt=repeat_prompt, tokenizer=tokenizer)
     out = Path(args.out)
     data_dir = Path(args.data) if args.data else out / "teacher"
     try:
         record_teacher_scores(target, proxy, prompts, data_dir, tokenizer=tokenizer,
-                              max_length=args.max_length)
+                              teacher_scorer=scorer, max_length=args.max_length)
     except ValueError as error:
         raise UsageError(str(error)) from None
     data = TeacherData(data_dir)
     if len(data) < 2:
         raise UsageError(f"--prompts: need at least 2 prompts (one is held out), got {len(data)}")
     train, held_out = data.split(max(2, round(1 / args.val_fraction)))
+    import torch
+
+    torch.manual_seed(args.seed)  # the aligner's initial weights: reproducible from --seed
     aligner = get_aligner(args.aligner, data.proxy_shape, data.target_shape).to(args.device)
     result = fit_aligner(aligner, train, val_data=held_out, epochs=args.epochs,
                          max_seconds=args.max_seconds, seed=args.seed)
-    aligner.save(out, metadata={"prompts": str(args.prompts), "samples": len(data),
-                                "target": str(args.target), "proxy": str(args.proxy),
-                                "metrics": result.metrics})
+    aligner.save(out, metadata={"command": "proxykv " + " ".join(args.argv),
+                                "samples": len(data), "held_out": len(held_out),
+                                "method": result.method, "epochs": result.epochs,
+                                "seconds": round(result.seconds, 1), "metrics": result.metrics})
     print(json.dumps({"aligner": args.aligner, "out": str(out), "samples": len(data),
                       "epochs": result.epochs, "metrics": result.metrics}, indent=1))
     return 0
@@ -241,7 +258,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
                      log=lambda message: print(message, flush=True))
         results[name] = info.get("accuracy")
     if args.aligners:
-        results["aligners"] = train_aligners(out / "target", out / "proxy", out, seed=args.seed)
+        train_aligners(out / "target", out / "proxy", out, seed=args.seed)
     print(json.dumps(results, indent=1))
     return 0
 
@@ -292,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--out", required=True, help="folder to save the aligner into")
     align.add_argument("--aligner", default="axial", help="registered aligner (default: axial)")
     align.add_argument("--data", default=None, help="teacher-data folder (default: OUT/teacher)")
+    align.add_argument("--repeat-prompt", default=None,
+                       help="the reconstruction scorer's repeat prompt, as text (token ids "
+                            "separated by spaces if the target has no tokenizer); default: "
+                            "proxykv.hf.DEFAULT_REPEAT_PROMPT_TEXT, or the bos token")
     align.add_argument("--max-length", type=int, default=None,
                        help="truncate prompts to this many tokens")
     align.add_argument("--epochs", type=int, default=200)

@@ -342,3 +342,27 @@ def test_unsupported_architecture_is_named():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="supported architectures"):
         ProxyKV(gpt2, keep_ratio=0.5)
+
+
+def test_a_proxy_with_another_tokenizer_is_refused(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from proxykv.zoo.tokenizer import save_tokenizer
+
+    for name, seed in (("target", 0), ("proxy", 1)):
+        tiny_model("qwen2", num_layers=2, vocab_size=256, seed=seed).save_pretrained(
+            tmp_path / name)
+        save_tokenizer(tmp_path / name)
+    target, proxy = (AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
+                     for name in ("target", "proxy"))
+    ProxyKV(target, proxy, keep_ratio=0.5).close()  # the same tokenizer: accepted
+    path = tmp_path / "proxy" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["k0"], vocab["k1"] = vocab["k1"], vocab["k0"]  # same size, other ids
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="tokenizer"):
+        ProxyKV(target, proxy, keep_ratio=0.5)
+    assert target.config._attn_implementation == "sdpa"

@@ -245,3 +245,26 @@ def test_grown_training_resumes(tmp_path):
     assert any("resumed" in m for m in logs)
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
     assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("name", ["linear", "axial"])
+def test_committed_aligners_fit_the_pair_and_record_their_training(name):
+    from proxykv.align import load
+    from proxykv.zoo import WEIGHTS_DIR
+
+    aligner = load(WEIGHTS_DIR / f"aligner_{name}", proxy_shape=(2, 1), target_shape=(4, 2))
+    config = json.loads((WEIGHTS_DIR / f"aligner_{name}" / "config.json").read_text())
+    assert aligner.name == name
+    assert config["metadata"]["command"].startswith("proxykv align-train")
+    assert "--repeat-prompt" in config["metadata"]["command"]
+    assert config["metadata"]["samples"] == 72 and config["metadata"]["held_out"] >= 10
+    assert 0.0 < config["metadata"]["metrics"]["recall@0.3"] <= 1.0
+
+
+def test_teacher_prompts_come_from_training_seeds():
+    from proxykv.zoo.aligners import teacher_prompts
+
+    prompts = teacher_prompts(2, 200)
+    eval_contexts = {tuple(s.context) for task in T.TASKS for s in T.eval_samples(task, 8, 200)}
+    assert len(prompts) == 2 * len(T.TASKS) and all(len(p) == 200 for p in prompts)
+    assert not eval_contexts & {tuple(p) for p in prompts}

@@ -1,17 +1,18 @@
-"""The zoo's trained aligners: teacher data from training seeds only, then ``linear`` (closed form)
-and ``axial`` (the multi-granularity hybrid loss) fitted on it.
+"""The zoo's trained aligners, made with ``proxykv align-train`` on teacher data from training
+seeds only: ``linear`` (closed form) and ``axial`` (the multi-granularity hybrid loss).
 
-    python -m proxykv.zoo.aligners --target DIR --proxy DIR --out WEIGHTS_DIR
+    python -m proxykv.zoo.aligners [--target DIR --proxy DIR --out WEIGHTS_DIR]
 
-writes ``WEIGHTS_DIR/aligner_linear`` and ``WEIGHTS_DIR/aligner_axial`` (each a
-``proxykv.align.save`` folder whose metadata records the command, the data and the held-out
-metrics), and keeps the teacher data in ``WEIGHTS_DIR/../teacher`` unless ``--data`` says where.
+writes the teacher contexts (rendered as text, one per line) to ``WEIGHTS_DIR/teacher/prompts.txt``
+and runs ``proxykv align-train --repeat-prompt "<repeat>" ...`` once per aligner into
+``WEIGHTS_DIR/aligner_linear`` and ``WEIGHTS_DIR/aligner_axial`` (the second run reuses the
+teacher data of the first, in ``WEIGHTS_DIR/teacher``, which is not committed). Each aligner's
+``config.json`` records the command and its held-out metrics.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,37 +36,33 @@ def teacher_prompts(n_per_task: int = TEACHER_SAMPLES, length: int = TEACHER_LEN
     return prompts
 
 
-def train_aligners(target_dir, proxy_dir, out_dir, *, data_dir=None, n_per_task=TEACHER_SAMPLES,
-                   length=TEACHER_LENGTH, seed: int = 0, max_seconds: float = 600.0,
-                   progress: bool = True) -> dict:
-    """Record the teacher data and fit both aligners; returns ``{name: held-out metrics}``."""
-    from transformers import AutoModelForCausalLM
+def train_aligners(target_dir, proxy_dir, out_dir, *, data_dir=None,
+                   n_per_task=TEACHER_SAMPLES, length=TEACHER_LENGTH, seed: int = 0,
+                   max_seconds: float = 300.0) -> None:
+    """Write the teacher prompts and run ``proxykv align-train`` for ``linear`` and ``axial``."""
+    import os
 
-    from proxykv.align import fit_aligner, get_aligner
-    from proxykv.hf import get_scorer
-    from proxykv.hf.teacher import TeacherData, record_teacher_scores
+    from proxykv.cli import main as cli
 
-    out_dir = Path(out_dir)
-    data_dir = Path(data_dir) if data_dir else out_dir.parent / "teacher"
-    target = AutoModelForCausalLM.from_pretrained(str(target_dir)).eval()
-    proxy = AutoModelForCausalLM.from_pretrained(str(proxy_dir)).eval()
-    scorer = get_scorer("reconstruction", repeat_prompt=[T.REPEAT])
-    record_teacher_scores(target, proxy, teacher_prompts(n_per_task, length, seed), data_dir,
-                          teacher_scorer=scorer, progress=progress)
-    data = TeacherData(data_dir)
-    train, held_out = data.split(5)
-    results = {}
+    def shown(path) -> str:  # relative where it can be, so the recorded command is portable
+        relative = os.path.relpath(path)
+        return relative if not relative.startswith("..") else str(path)
+
+    target_dir, proxy_dir = shown(target_dir), shown(proxy_dir)
+    out_dir = Path(shown(out_dir))
+    data_dir = Path(data_dir) if data_dir else out_dir / "teacher"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    prompts = data_dir / "prompts.txt"
+    prompts.write_text("".join(T.render(p) + "\n" for p in teacher_prompts(n_per_task, length,
+                                                                             seed)))
     for name in ("linear", "axial"):
-        aligner = get_aligner(name, data.proxy_shape, data.target_shape)
-        fit = fit_aligner(aligner, train, val_data=held_out, seed=seed, max_seconds=max_seconds,
-                          progress=progress)
-        results[name] = fit.metrics
-        aligner.save(out_dir / f"aligner_{name}", metadata={
-            "command": "python -m proxykv.zoo.aligners " + " ".join(sys.argv[1:]),
-            "teacher_samples": len(data), "held_out": len(held_out), "length": length,
-            "seed": seed, "method": fit.method, "epochs": fit.epochs,
-            "seconds": round(fit.seconds, 1), "metrics": fit.metrics})
-    return results
+        code = cli(["align-train", "--target", str(target_dir), "--proxy", str(proxy_dir),
+                    "--prompts", str(prompts), "--out", str(out_dir / f"aligner_{name}"),
+                    "--aligner", name, "--data", str(data_dir), "--repeat-prompt",
+                    T.SPECIAL_TOKENS[T.REPEAT], "--max-seconds", str(max_seconds),
+                    "--seed", str(seed)])
+        if code:
+            raise RuntimeError(f"proxykv align-train ({name}) exited with {code}")
 
 
 def main(argv=None) -> int:
@@ -79,11 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--n", type=int, default=TEACHER_SAMPLES, help="contexts per task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=600.0, help="per aligner")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="per aligner")
     args = p.parse_args(argv)
-    results = train_aligners(args.target, args.proxy, args.out, data_dir=args.data,
-                             n_per_task=args.n, seed=args.seed, max_seconds=args.max_seconds)
-    print(json.dumps(results, indent=1))
+    train_aligners(args.target, args.proxy, args.out, data_dir=args.data, n_per_task=args.n,
+                   seed=args.seed, max_seconds=args.max_seconds)
     return 0
 
 
