@@ -366,3 +366,37 @@ def test_a_proxy_with_another_tokenizer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         ProxyKV(target, proxy, keep_ratio=0.5)
     assert target.config._attn_implementation == "sdpa"
+
+
+def test_the_full_cache_is_released_after_compaction(models):
+    import gc
+    import weakref
+
+    target, proxy = models["qwen2"]
+    with make(target, proxy, policy="head_budget", keep_ratio=0.3) as pipe:
+        scored = pipe.score(ids_of(1, 40))
+        full = weakref.ref(scored.cache)
+        cache = pipe.compact(scored)
+        scored.release()
+        gc.collect()
+        assert full() is None  # the compressed cache keeps only the gathered pairs
+        assert cache.stats.kv_bytes_after < cache.stats.kv_bytes_before
+
+
+def test_sampling_arguments(models):
+    target, proxy = models["qwen2"]
+    context, question = ids_of(1, 30, seed=31), ids_of(1, 3, seed=32)
+    with make(target, proxy, keep_ratio=0.5) as pipe:
+        cache = pipe.compress(context)
+        greedy = pipe.generate(question, 6, cache=cache)
+        assert torch.equal(pipe.generate(question, 6, cache=cache, do_sample=True, top_k=1),
+                           greedy)
+        draws = [pipe.generate(question, 6, cache=cache, do_sample=True, temperature=2.0,
+                               top_p=0.9, generator=torch.Generator().manual_seed(s))
+                 for s in (0, 0, 1)]
+        assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+        with pytest.raises(ValueError, match="temperature"):
+            pipe.generate(question, 2, cache=cache, do_sample=True, temperature=0.0)
+        assert cache.appended == 0
+        stopped = pipe.generate(question, 6, cache=cache, eos_token_id=int(greedy[0, 3]))
+        assert stopped.shape[1] == 3 + 1 and int(stopped[0, -1]) == int(greedy[0, 3])
