@@ -246,7 +246,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from proxykv.zoo.aligners import train_aligners
-    from proxykv.zoo.train import SCHEDULES, train
+    from proxykv.zoo.train import SCHEDULES, scaled_schedule, train
 
     out = Path(args.out)
     for name in args.models:
@@ -254,7 +254,8 @@ def _zoo_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--models: unknown {name!r}; choose from {', '.join(SCHEDULES)}")
     results = {}
     for name in args.models:
-        info = train(out / name, name, args.seed, threads=args.threads,
+        info = train(out / name, name, args.seed, scaled_schedule(name, args.steps_scale),
+                     threads=args.threads, eval_n=args.eval_n,
                      log=lambda message: print(message, flush=True))
         results[name] = info.get("accuracy")
     if args.aligners:
@@ -369,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_train.add_argument("--models", nargs="+", default=["target", "proxy"])
     zoo_train.add_argument("--seed", type=int, default=0)
     zoo_train.add_argument("--threads", type=int, default=None, help="torch threads")
+    zoo_train.add_argument("--steps-scale", type=float, default=1.0,
+                           help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
+    zoo_train.add_argument("--eval-n", type=int, default=64,
+                           help="evaluation prompts per task at the end (0: none)")
     zoo_train.add_argument("--no-aligners", dest="aligners", action="store_false",
                            help="skip the aligners (they need both models in OUT)")
     zoo_train.set_defaults(handler=_zoo_train)

@@ -268,3 +268,16 @@ def test_teacher_prompts_come_from_training_seeds():
     eval_contexts = {tuple(s.context) for task in T.TASKS for s in T.eval_samples(task, 8, 200)}
     assert len(prompts) == 2 * len(T.TASKS) and all(len(p) == 200 for p in prompts)
     assert not eval_contexts & {tuple(p) for p in prompts}
+
+
+def test_zoo_train_command_trains_and_resumes(tmp_path, capsys):
+    from proxykv.cli import main
+
+    args = ["zoo", "train", "--out", str(tmp_path), "--models", "proxy", "--steps-scale",
+            "0.002", "--eval-n", "0", "--threads", "1", "--no-aligners"]
+    assert main(args) == 0
+    assert (tmp_path / "proxy" / "model.safetensors").is_file()
+    info = json.loads((tmp_path / "proxy" / "train_info.json").read_text())
+    assert info["steps"] == 7 and info["model"] == "proxy"
+    assert main(args) == 0  # a finished run resumes at its last checkpoint and stops
+    assert "resumed" in capsys.readouterr().out

@@ -287,6 +287,12 @@ def train(out, model: str = "target", seed: int = 0, stages: list[Stage] | None 
     return info
 
 
+def scaled_schedule(model: str, steps_scale: float = 1.0) -> list[Stage]:
+    """``SCHEDULES[model]`` with every stage's steps multiplied by ``steps_scale`` (at least 1)."""
+    return [Stage(**{**asdict(s), "steps": max(1, math.ceil(s.steps * steps_scale))})
+            for s in SCHEDULES[model]]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m proxykv.zoo.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,8 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, type=json.loads,
                    help="JSON object of Qwen2Config overrides (for experiments)")
     args = p.parse_args(argv)
-    stages = [Stage(**{**asdict(s), "steps": max(1, math.ceil(s.steps * args.steps_scale))})
-              for s in SCHEDULES[args.model]]
+    stages = scaled_schedule(args.model, args.steps_scale)
     os.makedirs(args.out, exist_ok=True)
     info = train(args.out, args.model, args.seed, stages, save_every=args.save_every,
                  threads=args.threads, eval_n=args.eval_n, eval_length=args.eval_length,
