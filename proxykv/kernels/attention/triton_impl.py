@@ -57,20 +57,22 @@ def _scaled_logits(q, k_t, qk_scale2, UPCAST: tl.constexpr, DOT_IEEE: tl.constex
     return s * qk_scale2
 
 
-@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "keys_per_split"])
+@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "keys_per_split",
+                             "row_blocks"])
 def attention_lse_fwd_kernel(
     q_ptr, k_ptr, valid_len_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_ls, stride_lb, stride_lh, stride_lt,
-    H_kv, group_size, T_q, T_k, q_offset, keys_per_split, qk_scale2,
+    H_kv, group_size, T_q, T_k, q_offset, keys_per_split, row_blocks, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_IEEE: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    row_block = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * row_blocks + row_block
+    pid_bh = program // row_blocks
+    row_block = program % row_blocks
+    split = tl.program_id(1).to(tl.int64)
     batch = pid_bh // H_kv
     kv_head = pid_bh % H_kv
 
@@ -118,20 +120,21 @@ def attention_lse_fwd_kernel(
     tl.store(lse_ptr + lse_offsets, lse2 / _LOG2E, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset"])
+@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "key_blocks"])
 def attention_scores_fwd_kernel(
     q_ptr, k_ptr, lse_ptr, valid_len_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_lb, stride_lh, stride_lt,
     stride_ob, stride_oh,
-    H_kv, group_size, T_q, T_k, q_offset, qk_scale2,
+    H_kv, group_size, T_q, T_k, q_offset, key_blocks, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, REDUCE: tl.constexpr,
     GROUP_MAX: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    key_block = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * key_blocks + key_block
+    pid_bh = program // key_blocks
+    key_block = program % key_blocks
     batch = pid_bh // H_kv
     kv_head = pid_bh % H_kv
 
@@ -155,7 +158,9 @@ def attention_scores_fwd_kernel(
         head = kv_head * group_size + member
         head_acc = tl.zeros([BLOCK_N], tl.float32)
         for query_start in range(first_query, T_q, BLOCK_M):
-            queries = query_start + tl.arange(0, BLOCK_M)
+            # int64: without a causal mask the loop starts at a 32-bit 0, and queries *
+            # stride_qt passes 2**31 for a [B, T, H, D] cache at H_q * D = 16384, T_q = 128k.
+            queries = tl.arange(0, BLOCK_M).to(tl.int64) + query_start
             row_ok = queries < T_q
             q = _load_q_tile(q_ptr + batch * stride_qb + head * stride_qh + queries * stride_qt,
                              row_ok, dims, stride_qd, HEAD_DIM)
@@ -200,6 +205,8 @@ class LaunchPlan:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU plan may use (perf/autotune_attention.py sweeps
 # them); each compiles for sm_80/sm_90 up to BLOCK_D = 256 (tests/test_compile.py).
 GPU_CONFIGS = [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+#: CUDA's limit on grid axes 1 and 2 (axis 0 takes up to 2**31 - 1 programs)
+GRID_YZ_LIMIT = 65535
 # Enough programs to keep every SM of an H100/H200 (132) busy several times over.
 TARGET_PROGRAMS = 4 * 132
 
@@ -218,6 +225,23 @@ def _default_plan(batch: int, h_kv: int, group: int, t_q: int, t_k: int,
     return LaunchPlan(block_m, block_n, max(1, min(wanted, key_blocks)), num_warps)
 
 
+def launch_grids(batch: int, h_kv: int, group: int, t_q: int, t_k: int, *,
+                 plan: LaunchPlan | None = None, on_gpu: bool = True):
+    """``(pass-1 grid, pass-2 grid, keys_per_split)`` of a call (``plan`` default: the default
+    plan), computed without launching anything."""
+    plan = plan or _default_plan(batch, h_kv, group, t_q, t_k, on_gpu)
+    # The splits go on grid axis 1 (at most GRID_YZ_LIMIT): fewer, longer ones past that.
+    wanted_keys = max(triton.cdiv(t_k, plan.n_splits), triton.cdiv(t_k, GRID_YZ_LIMIT))
+    keys_per_split = triton.cdiv(wanted_keys, plan.block_n) * plan.block_n
+    n_splits = triton.cdiv(t_k, keys_per_split)
+    # The counts that grow with T (row blocks, key blocks) share axis 0 with B * H_kv: its limit
+    # is 2**31 - 1 programs, where axes 1 and 2 stop at 65,535 (a group of 32 at 128k queries
+    # already makes 65,536 row blocks of 64).
+    lse_grid = (batch * h_kv * triton.cdiv(group * t_q, plan.block_m), n_splits)
+    scores_grid = (batch * h_kv * triton.cdiv(t_k, plan.block_n),)
+    return lse_grid, scores_grid, keys_per_split
+
+
 def _flags(dtype: torch.dtype) -> dict:
     interpreting = interpreter_enabled()
     return {
@@ -233,10 +257,9 @@ def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: Launch
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
-    keys_per_split = triton.cdiv(triton.cdiv(t_k, plan.n_splits), plan.block_n) * plan.block_n
-    n_splits = triton.cdiv(t_k, keys_per_split)
+    grid, _, keys_per_split = launch_grids(b, h_kv, group, t_q, t_k, plan=plan)
+    n_splits = grid[1]
     partial = torch.empty(n_splits, b, h_q, t_q, dtype=torch.float32, device=q.device)
-    grid = (b * h_kv, triton.cdiv(group * t_q, plan.block_m), n_splits)
     attention_lse_fwd_kernel[grid](
         q_ptr=q, k_ptr=k, valid_len_ptr=key_valid_len if key_valid_len is not None else q,
         lse_ptr=partial,
@@ -245,7 +268,8 @@ def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: Launch
         stride_ls=partial.stride(0), stride_lb=partial.stride(1), stride_lh=partial.stride(2),
         stride_lt=partial.stride(3),
         H_kv=h_kv, group_size=group, T_q=t_q, T_k=t_k, q_offset=q_offset,
-        keys_per_split=keys_per_split, qk_scale2=scale * LOG2E,
+        keys_per_split=keys_per_split, row_blocks=triton.cdiv(group * t_q, plan.block_m),
+        qk_scale2=scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, **_flags(q.dtype),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
@@ -270,7 +294,7 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
         lse = row_lse_triton(q, k, scale=scale, causal=causal, q_offset=q_offset,
                              key_valid_len=key_valid_len, plan=plan)
     out = torch.empty(b, h_kv, t_k, dtype=torch.float32, device=q.device)
-    grid = (b * h_kv, triton.cdiv(t_k, plan.block_n))
+    _, grid, _ = launch_grids(b, h_kv, group, t_q, t_k, plan=plan)
     attention_scores_fwd_kernel[grid](
         q_ptr=q, k_ptr=k, lse_ptr=lse,
         valid_len_ptr=key_valid_len if key_valid_len is not None else q, out_ptr=out,
@@ -279,7 +303,7 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
         stride_lb=lse.stride(0), stride_lh=lse.stride(1), stride_lt=lse.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1),
         H_kv=h_kv, group_size=group, T_q=t_q, T_k=t_k, q_offset=q_offset,
-        qk_scale2=scale * LOG2E,
+        key_blocks=triton.cdiv(t_k, plan.block_n), qk_scale2=scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, REDUCE=REDUCE_CODES[reduce],
         GROUP_MAX=group_reduce == "max", **_flags(q.dtype),
@@ -333,7 +357,8 @@ def _compile_specs():
                        "lse_ptr": "*fp32", **common_strides,
                        **{f"stride_l{a}": "i64" for a in "sbht"},
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
-                       "q_offset": "i32", "keys_per_split": "i32", "qk_scale2": "fp32"},
+                       "q_offset": "i32", "keys_per_split": "i32", "row_blocks": "i32",
+                       "qk_scale2": "fp32"},
             constexprs=tiles, **launch))
         specs.append(CompileSpec(
             name=f"attention_scores_fwd_kernel[{tag}]", kernel=attention_scores_fwd_kernel,
@@ -342,7 +367,7 @@ def _compile_specs():
                        **{f"stride_l{a}": "i64" for a in "bht"},
                        "stride_ob": "i64", "stride_oh": "i64",
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
-                       "q_offset": "i32", "qk_scale2": "fp32"},
+                       "q_offset": "i32", "key_blocks": "i32", "qk_scale2": "fp32"},
             constexprs={**tiles, "REDUCE": reduce_code, "GROUP_MAX": group_max}, **launch))
     return specs
 
