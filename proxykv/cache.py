@@ -1,5 +1,5 @@
-"""``RaggedKVCache``: a KV cache compacted per head (each KV head keeps its own number of positions),
-that decode steps can append to and attend over.
+"""``RaggedKVCache``: a KV cache compacted per head (each KV head keeps its own number of
+positions), that decode steps can append to and attend over.
 
 Layout of one layer (``S = B * H_kv`` segments, segment ``s = b * H_kv + h``)::
 
@@ -420,7 +420,8 @@ class RaggedKVCache:
         view = self.layer(layer_index)
         self._check_query(q)
         arguments = dict(seq_lens=view.seq_lens, scale=scale, max_seq_len=view.max_seq_len,
-                         num_kv_heads=self.num_kv_heads, check_segments=False, impl=impl)
+                         total_rows=sum(state.lengths), num_kv_heads=self.num_kv_heads,
+                         check_segments=False, impl=impl)
         decode = q.dim() == 3
         num_new = 1 if decode else q.shape[2]
         if num_new > state.min_length:

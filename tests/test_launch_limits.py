@@ -68,3 +68,68 @@ def test_scores_read_queries_past_2_31_elements(causal, device):
     got = attention_scores(q, k, causal=causal, impl="triton")
     expected = attention_scores(values, k, causal=causal, impl="torch")
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
+
+
+def _useful_programs(lengths, plan, query_blocks=1):
+    """Programs that have keys to read: per segment, its splits that start inside it."""
+    return query_blocks * sum(max(1, -(-n // plan.keys_per_split)) for n in lengths)
+
+
+@pytest.mark.parametrize("lengths", [
+    [32768] + [1024] * 31,            # one long conversation among short ones
+    [4096] * 8,                       # a small uniform batch
+    [100_000, 50_000, 3, 7000],       # very ragged
+    [131072] + [4096] * 31,           # a long one among medium ones
+], ids=["one-long", "uniform", "ragged", "long-medium"])
+def test_decode_splits_fill_the_gpu_by_total_work(lengths):
+    """The decode plan sizes its splits from the total rows to read, not the longest segment, so
+    ragged and batched caches fill the machine: at least half the target number of programs, or
+    (when there is too little work for that) every split at its smallest size."""
+    import torch
+
+    from proxykv.kernels.attend import triton_impl
+
+    plan = triton_impl.plan_ragged_attention(max(lengths), len(lengths), 4, 128, torch.bfloat16,
+                                             True, total_rows=sum(lengths))
+    useful = _useful_programs(lengths, plan)
+    smallest_split = triton_impl.GPU_MIN_TILES_PER_SPLIT * plan.block_n
+    assert plan.keys_per_split >= smallest_split
+    assert useful >= min(triton_impl.GPU_TARGET_PROGRAMS // 2, sum(lengths) // smallest_split), \
+        (useful, plan)
+    assert useful <= 4 * triton_impl.GPU_TARGET_PROGRAMS  # not split into needless merges
+    assert_launchable((len(lengths) * -(-4 // plan.block_m), plan.num_splits))
+
+
+def test_decode_plan_caps_the_split_count():
+    import torch
+
+    from proxykv.kernels.attend import triton_impl
+
+    plan = triton_impl.plan_ragged_attention((1 << 31) - 1, 1, 1, 64, torch.float16, True,
+                                             total_rows=(1 << 31) - 1)
+    assert plan.num_splits <= GRID_YZ_LIMIT
+    block_n = triton_impl.gpu_tile(torch.float16)[0]
+    with pytest.raises(ValueError, match="keys_per_split"):
+        triton_impl.plan_ragged_attention(1 << 30, 1, 1, 64, torch.float16, True,
+                                          keys_per_split=block_n)
+
+
+def test_total_rows_is_a_checked_hint(device):
+    import torch
+
+    from proxykv.kernels import ragged_attention
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [40, 3, 1, 17]
+    k = torch.randn(sum(lengths), 16, generator=g).to(device)
+    v = torch.randn(sum(lengths), 16, generator=g).to(device)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(device)
+    cu = torch.tensor([0, 40, 43, 44, 61], device=device)
+    base = ragged_attention(q, k, v, cu, impl="triton")
+    for hint in (0, 1, sum(lengths)):
+        torch.testing.assert_close(ragged_attention(q, k, v, cu, total_rows=hint, impl="triton"),
+                                   base, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="total_rows"):
+        ragged_attention(q, k, v, cu, total_rows=sum(lengths) + 1)
+    with pytest.raises(TypeError, match="total_rows"):
+        ragged_attention(q, k, v, cu, total_rows=1.5)

@@ -71,8 +71,8 @@ def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | Non
     return longest
 
 
-def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, num_kv_heads,
-            check_segments, impl, return_lse, op: str, new_rows_required: bool):
+def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, total_rows,
+            num_kv_heads, check_segments, impl, return_lse, op: str, new_rows_required: bool):
     """Validation and dispatch shared by both entry points; ``q`` is ``[B, H_q, T_new, D]`` (the
     decode entry point passes a view with ``T_new = 1``)."""
     check_tensor("k_packed", k_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
@@ -108,6 +108,8 @@ def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, 
     if max_seq_len is not None:
         check_int("max_seq_len", max_seq_len, minimum=num_new if new_rows_required else 0,
                   maximum=rows)
+    if total_rows is not None:
+        check_int("total_rows", total_rows, minimum=0, maximum=rows)
     if check_segments:
         longest = _check_segment_values(cu_seqlens, seq_lens, rows, h_kv,
                                         num_new if new_rows_required else 0)
@@ -118,14 +120,19 @@ def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, 
     cu_seqlens, seq_lens = to_int32_metadata(values_checked=check_segments,
                                              cu_seqlens=cu_seqlens, seq_lens=seq_lens)
     chosen, run = dispatch(op, impl, device)
-    if chosen == "triton" and max_seq_len is None:
-        lengths = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
-        max_seq_len = int(lengths.max())
+    launch = {}
+    if chosen == "triton":
+        if max_seq_len is None:
+            lengths = seq_lens if seq_lens is not None else cu_seqlens[1:] - cu_seqlens[:-1]
+            max_seq_len = int(lengths.max())
+        if total_rows is None:  # packed rows are all valid; with spare room, an upper bound
+            total_rows = rows if seq_lens is None else min(rows, max_seq_len * num_segments)
+        launch["total_rows"] = total_rows
     if op == "ragged_decode_attention":
         return run(q[:, :, 0], k_packed, v_packed, cu_seqlens, seq_lens, scale=scale,
-                   max_seq_len=max_seq_len)
+                   max_seq_len=max_seq_len, **launch)
     return run(q, k_packed, v_packed, cu_seqlens, seq_lens, scale=scale, max_seq_len=max_seq_len,
-               return_lse=return_lse)
+               return_lse=return_lse, **launch)
 
 
 _METADATA_DOC = """
@@ -157,6 +164,12 @@ _ARGS_DOC = """
         max_seq_len: the longest segment's valid length, at most ``N``, if the caller knows it
             without reading the device (``RaggedKVCache`` does). The Triton path sizes its grid
             from it; when None it is read from ``cu_seqlens``/``seq_lens`` (a device sync).
+        total_rows: the valid rows of all segments together (``sum(seq_lens)``), at most ``N``,
+            if the caller knows it without reading the device (``RaggedKVCache`` does): the
+            Triton path sizes its key splits from the total work so ragged and batched caches
+            fill the GPU. A launch hint: it changes only how the work is split (results agree
+            within rounding).
+            Default: ``N`` when packed, else ``max_seq_len × segments``.
         num_kv_heads: optional ``H_kv``, an int >= 1, checked against the segment count (see
             above). When None, ``H_kv = S / B``.
         check_segments: verify the metadata values (monotone bounds from 0 to N, ``seq_lens``
@@ -194,6 +207,7 @@ def ragged_attention(
     scale: float | None = None,
     return_lse: bool = False,
     max_seq_len: int | None = None,
+    total_rows: int | None = None,
     num_kv_heads: int | None = None,
     check_segments: bool = True,
     impl: str | None = None,
@@ -222,7 +236,7 @@ def ragged_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return _attend(q, k_packed, v_packed, cu_seqlens, seq_lens=seq_lens, scale=scale,
-                   max_seq_len=max_seq_len, num_kv_heads=num_kv_heads,
+                   max_seq_len=max_seq_len, total_rows=total_rows, num_kv_heads=num_kv_heads,
                    check_segments=check_segments, impl=impl, return_lse=return_lse,
                    op="ragged_attention", new_rows_required=True)
 
@@ -236,6 +250,7 @@ def ragged_decode_attention(
     seq_lens: torch.Tensor | None = None,
     scale: float | None = None,
     max_seq_len: int | None = None,
+    total_rows: int | None = None,
     num_kv_heads: int | None = None,
     check_segments: bool = True,
     impl: str | None = None,
@@ -255,7 +270,7 @@ def ragged_decode_attention(
     check_tensor("q", q, ndim=3, layout="[B, H_q, D]", dtypes=FLOAT_DTYPES)
     check_nonempty("q", q, "[B, H_q, D]")
     return _attend(q[:, :, None], k_packed, v_packed, cu_seqlens, seq_lens=seq_lens, scale=scale,
-                   max_seq_len=max_seq_len, num_kv_heads=num_kv_heads,
+                   max_seq_len=max_seq_len, total_rows=total_rows, num_kv_heads=num_kv_heads,
                    check_segments=check_segments, impl=impl, return_lse=False,
                    op="ragged_decode_attention", new_rows_required=False)
 

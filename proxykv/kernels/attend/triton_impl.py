@@ -37,7 +37,8 @@ from proxykv._backend import interpreter_enabled
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
 
 LOG2E = 1.4426950408889634
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # the kernels' LSE is base 2; the API's is natural
+# the kernels' LSE is base 2; the API's is natural
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -201,6 +202,8 @@ class RaggedAttentionPlan:
 
 # Enough busy programs to fill an H100/H200 (132 SMs) several times over at batch 1.
 GPU_TARGET_PROGRAMS = 4 * 132
+#: CUDA's limit on grid axis 1 (the splits)
+GRID_YZ_LIMIT = 65535
 # A split covers at least this many key tiles, so the partial outputs it writes and the merge
 # reads stay a few percent of its K/V traffic.
 GPU_MIN_TILES_PER_SPLIT = 4
@@ -229,31 +232,49 @@ def block_m(query_rows: int, head_dim: int) -> int:
 
 
 def plan_ragged_attention(max_seq_len: int, num_segments: int, query_rows: int, head_dim: int,
-                          dtype: torch.dtype, on_gpu: bool,
-                          keys_per_split: int | None = None) -> RaggedAttentionPlan:
-    """Split every segment into pieces of ``keys_per_split`` keys (uniform across segments),
-    chosen so that segments × query blocks × splits reach the target number of programs."""
+                          dtype: torch.dtype, on_gpu: bool, keys_per_split: int | None = None,
+                          total_rows: int | None = None) -> RaggedAttentionPlan:
+    """Split every segment into pieces of ``keys_per_split`` keys (uniform across segments).
+
+    Chosen from the total work: the programs that have keys to read number about
+    ``(total_rows / keys_per_split + segments) × query blocks``, which should reach the target
+    (a few waves of the GPU's SMs) — so a batch of short segments beside a long one, or a small
+    batch, still fills the machine, where sizing from the longest segment alone left most SMs
+    idle. ``total_rows`` (rows of K/V to read, at most; default ``max_seq_len × segments``) is
+    known on the host. Splits past a segment's end exit at once. At most ``GRID_YZ_LIMIT``
+    splits (grid axis 1)."""
     rows_per_block = block_m(query_rows, head_dim)
-    programs = num_segments * triton.cdiv(query_rows, rows_per_block)
+    query_blocks = triton.cdiv(query_rows, rows_per_block)
+    programs = num_segments * query_blocks
     if on_gpu:
         (block_n, num_stages), target = gpu_tile(dtype), GPU_TARGET_PROGRAMS
         min_tiles = GPU_MIN_TILES_PER_SPLIT
     else:  # the interpreter: few, large programs are fastest; splits are still exercised
         block_n, num_stages, target, min_tiles = 32, 1, 4, 1
+    tiles = max(1, triton.cdiv(max_seq_len, block_n))
+    fewest_tiles = triton.cdiv(tiles, GRID_YZ_LIMIT)  # per split, so splits fit grid axis 1
     if keys_per_split is None:
-        tiles = max(1, triton.cdiv(max_seq_len, block_n))
-        wanted_splits = max(1, min(triton.cdiv(target, programs), tiles // min_tiles))
-        keys_per_split = triton.cdiv(tiles, wanted_splits) * block_n
+        total_tiles = triton.cdiv(max(1, total_rows if total_rows is not None
+                                      else max_seq_len * num_segments), block_n)
+        spare = target - programs  # programs the splits beyond each segment's first may add
+        tiles_per_split = tiles if spare <= 0 else triton.cdiv(total_tiles * query_blocks, spare)
+        tiles_per_split = max(min_tiles, fewest_tiles, min(tiles, tiles_per_split))
+        keys_per_split = tiles_per_split * block_n
     elif keys_per_split < 1 or keys_per_split % block_n:
         raise ValueError(f"keys_per_split must be a positive multiple of BLOCK_N={block_n}, "
                          f"got {keys_per_split}")
+    elif keys_per_split < fewest_tiles * block_n:
+        raise ValueError(f"keys_per_split={keys_per_split} makes more than {GRID_YZ_LIMIT} "
+                         f"splits of a {max_seq_len}-row segment; use at least "
+                         f"{fewest_tiles * block_n}")
     num_splits = max(1, triton.cdiv(max_seq_len, keys_per_split))
     return RaggedAttentionPlan(rows_per_block, block_n, keys_per_split, num_splits,
                                num_stages=num_stages)
 
 
 def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scale, max_seq_len,
-                            return_lse, plan: RaggedAttentionPlan | None = None):
+                            return_lse, total_rows: int | None = None,
+                            plan: RaggedAttentionPlan | None = None):
     """``q [B, H_q, T_new, D]`` → ``out [B, H_q, T_new, D]`` (and natural-log LSE
     ``[B, H_q, T_new]`` float32 when ``return_lse``). Inputs are validated by the API."""
     b, h_q, num_new, d = q.shape
@@ -263,7 +284,8 @@ def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scal
     query_rows = num_new * group
     if plan is None:
         plan = plan_ragged_attention(max_seq_len, num_segments, query_rows, d, q.dtype,
-                                     q.is_cuda and not interpreter_enabled())
+                                     q.is_cuda and not interpreter_enabled(),
+                                     total_rows=total_rows)
     out = torch.empty(b, h_q, num_new, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, num_new, dtype=torch.float32, device=q.device) if return_lse \
         else out
@@ -309,11 +331,12 @@ def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scal
 
 
 def ragged_decode_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scale,
-                                   max_seq_len, plan: RaggedAttentionPlan | None = None):
+                                   max_seq_len, total_rows: int | None = None,
+                                   plan: RaggedAttentionPlan | None = None):
     """``q [B, H_q, D]``: the one-token case (every valid row visible) → ``[B, H_q, D]``."""
     return ragged_attention_triton(q[:, :, None], k_packed, v_packed, cu_seqlens, seq_lens,
                                    scale=scale, max_seq_len=max_seq_len, return_lse=False,
-                                   plan=plan)[:, :, 0]
+                                   total_rows=total_rows, plan=plan)[:, :, 0]
 
 
 # ------------------------------------------------------------------------------ compile specs
