@@ -7,7 +7,8 @@ Switches (environment variables):
   ``compiled``: Triton kernels are compiled and the tests run on CUDA tensors (needs a GPU; this is
   what ``perf/gpu_check.sh`` uses).
 * ``PROXYKV_HYPOTHESIS_PROFILE`` — ``ci`` (default; bounded, derandomised so runs are
-  reproducible), ``dev`` (fewer examples, random) or ``thorough`` (many examples).
+  reproducible), ``dev`` (fewer examples, random), ``gpu`` (a few derandomised examples: each
+  new shape costs a JIT compile on the lent GPU) or ``thorough`` (many examples).
 """
 
 import os
@@ -31,6 +32,8 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
 settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=10, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
+# perf/gpu_check.sh: compiled kernels on a lent GPU, where every new shape is a JIT compile
+settings.register_profile("gpu", max_examples=6, derandomize=True, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("PROXYKV_HYPOTHESIS_PROFILE", "ci"))
 
 
