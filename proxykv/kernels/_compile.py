@@ -19,9 +19,11 @@ class CompileSpec:
     ``uses_dot`` marks kernels whose inner loop is a ``tl.dot`` and must emit tensor-core code.
 
     The check compiles the variant Triton builds at run time for the usual, aligned call: every
-    pointer and every argument named ``stride_*`` is marked divisible by 16, and the arguments in
-    ``unit_strides`` (the innermost stride of a contiguous head dim) are specialised to 1. That
-    variant vectorises and pipelines the most, so it also needs the most shared memory.
+    pointer and every argument named ``stride_*`` is marked divisible by 16, ints declared
+    ``"i64"`` are passed as ``i32`` (Triton does so for every value below 2**31), and the
+    arguments in ``unit_strides`` (the innermost stride of a contiguous head dim) are
+    specialised to 1. That variant vectorises and pipelines the most, so it also needs the most
+    shared memory.
     """
 
     name: str

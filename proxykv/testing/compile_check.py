@@ -12,8 +12,10 @@ needs the most shared memory on sm_90 — the one that could pass sm_80's smalle
 (``--all-archs`` compiles everything everywhere).
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
-memory), ``shared_limit``, ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
-on stdout, and a progress line per variant (``[k/n] name sm_90 ok``) on stderr, as each finishes.
+memory), ``shared_limit``, ``registers`` (per thread) and ``spill_bytes`` (read from the cubin with
+``cuobjdump -res-usage``), ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
+on stdout as each finishes, with a progress bar on stderr. ``--markdown PATH`` also writes the
+report as a table.
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def compile_spec(spec, arch: int) -> dict:
     try:
         kernel = _jit_function(spec.kernel)
         constexprs = {**spec.constexprs, **{name: 1 for name in spec.unit_strides}}
-        signature = {name: kind for name, kind in spec.signature.items()
-                     if name not in spec.unit_strides}
+        # At launch Triton passes an int that fits in 32 bits as i32: that is the variant that
+        # runs (the kernels widen their offsets to int64 themselves).
+        signature = {name: "i32" if kind == "i64" else kind
+                     for name, kind in spec.signature.items() if name not in spec.unit_strides}
         aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                    for name, kind in signature.items()
                    if kind.startswith("*") or name.startswith("stride")}
@@ -75,11 +79,36 @@ def compile_spec(spec, arch: int) -> dict:
                                            "num_stages": spec.num_stages})
         ptx = compiled.asm["ptx"]
         result.update(ok=True, shared=int(compiled.metadata.shared),
-                      tensor_core=TENSOR_CORE_MARKER[arch] in ptx, error=None)
+                      tensor_core=TENSOR_CORE_MARKER[arch] in ptx, error=None,
+                      **resource_usage(compiled.asm["cubin"]))
     except Exception:  # noqa: BLE001 — reported to the caller as data
-        result.update(ok=False, shared=None, tensor_core=False,
+        result.update(ok=False, shared=None, tensor_core=False, registers=None, spill_bytes=None,
                       error=traceback.format_exc(limit=3)[-2000:])
     return result
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``registers`` per thread and ``spill_bytes`` (the stack + local memory a thread uses:
+    spills, since the kernels allocate no local arrays) of a cubin, as ``cuobjdump -res-usage``
+    (shipped with Triton's NVIDIA backend) reports them."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([tool, "-res-usage", handle.name], capture_output=True,
+                                text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{report}")
+    registers, stack, local = map(int, match.groups())
+    return {"registers": registers, "spill_bytes": stack + local}
 
 
 def _compile_by_index(job: tuple[int, int]) -> dict:
@@ -118,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                              "sm_90, the largest of each kernel family and dtype for the others)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiler processes (default: one per core)")
+    parser.add_argument("--markdown", default=None,
+                        help="also write the report as a Markdown table to this file")
     args = parser.parse_args(argv)
     from proxykv._backend import interpreter_enabled
 
@@ -144,14 +175,30 @@ def main(argv: list[str] | None = None) -> int:
         return results
 
     if args.all_archs or PRIMARY_ARCH not in archs:
-        run([(index, arch) for index in chosen for arch in archs])
+        results = run([(index, arch) for index in chosen for arch in archs])
     else:
-        primary = run([(index, PRIMARY_ARCH) for index in chosen])
-        sampled = set(largest_per_group(primary))
+        results = run([(index, PRIMARY_ARCH) for index in chosen])
+        sampled = set(largest_per_group(results))
         secondary = [index for index in chosen if specs[index].name in sampled]
-        run([(index, arch) for index in secondary for arch in archs if arch != PRIMARY_ARCH])
+        results += run([(index, arch) for index in secondary for arch in archs
+                        if arch != PRIMARY_ARCH])
     bar.close()
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(markdown_report(results))
     return 0
+
+
+def markdown_report(results: list[dict]) -> str:
+    """The compile report as a Markdown table, one row per (variant, arch)."""
+    lines = ["| kernel variant | arch | ok | registers | spill B | shared B | limit B | "
+             "tensor cores |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
+        lines.append(f"| `{r['name']}` | sm_{r['arch']} | {'yes' if r['ok'] else 'NO'} | "
+                     f"{r.get('registers', '—')} | {r.get('spill_bytes', '—')} | "
+                     f"{r.get('shared', '—')} | {r['shared_limit']} | "
+                     f"{'yes' if r.get('tensor_core') else ('—' if not r['uses_dot'] else 'NO')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

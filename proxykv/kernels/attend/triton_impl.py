@@ -375,6 +375,7 @@ def _compile_specs():
                             "RETURN_LSE": with_lse, "UPCAST": False,
                             "DOT_IEEE": dtype == torch.float32},
                 num_warps=4, num_stages=num_stages,
+                unit_strides=("stride_qd", "stride_kd", "stride_vd"),
                 # fp32 takes the exact (IEEE) FMA path on purpose: no tensor cores.
                 uses_dot=dtype != torch.float32))
         for head_dim in (64, 128, 256):

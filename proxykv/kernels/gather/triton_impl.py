@@ -203,7 +203,8 @@ def _compile_specs():
                            "num_kv_heads": "i32", "num_selected": "i32",
                            **strides("k", "bhtd"), **strides("v", "bhtd"), **strides("i", "bhn"),
                            **strides("ok", "bhnd"), **strides("ov", "bhnd")},
-                constexprs=tiles, num_warps=NUM_WARPS))
+                constexprs=tiles, num_warps=NUM_WARPS,
+                unit_strides=("stride_kd", "stride_vd", "stride_okd", "stride_ovd")))
             for has_out_cu in (False, True):
                 specs.append(CompileSpec(
                     name=f"gather_kv_ragged_fwd_kernel[{tag},out_cu={has_out_cu}]",
@@ -215,7 +216,8 @@ def _compile_specs():
                                "search_steps": "i32",
                                **strides("k", "bhtd"), **strides("v", "bhtd"), "stride_in": "i64",
                                **strides("ok", "nd"), **strides("ov", "nd")},
-                    constexprs={**tiles, "HAS_OUT_CU": has_out_cu}, num_warps=NUM_WARPS))
+                    constexprs={**tiles, "HAS_OUT_CU": has_out_cu}, num_warps=NUM_WARPS,
+                    unit_strides=("stride_kd", "stride_vd", "stride_okd", "stride_ovd")))
     return specs
 
 
