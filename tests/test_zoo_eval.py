@@ -26,6 +26,8 @@ REQUIRED_KEYS = {"method", "keep_ratio", "task", "accuracy", "scoring_seconds",
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # one thread: torch's default (every core) slows to a crawl when the machine is busy
+    env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run([sys.executable, "-m", "proxykv.cli", *args], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
