@@ -79,6 +79,7 @@ def _check_row(row):
     if row["uses_dot"]:
         assert row["tensor_core"], f"{name} uses tl.dot but its sm_{arch} PTX has no tensor-core op"
     assert 0 < row["registers"] <= 255 and row["spill_bytes"] >= 0, row
+    assert isinstance(row["loop_instructions"], list), row
 
 
 # The decode/question kernel runs once per generated token and layer: in the variants a GPU runs
@@ -94,6 +95,16 @@ def test_hot_decode_kernels_do_not_spill_on_sm90(compile_report, name):
     row = compile_report[(name, PRIMARY_ARCH)]
     assert row["spill_bytes"] == 0, (f"{name} spills {row['spill_bytes']} bytes per thread on "
                                      f"sm_90 ({row['registers']} registers)")
+
+
+def test_loop_instructions_are_counted(compile_report):
+    """The report counts each kernel's main-loop SASS: the key-tile loops of scoring and of the
+    attention over the compacted cache are found and hold hundreds of instructions."""
+    for family in ("attention_lse_fwd_kernel", "attention_scores_fwd_kernel",
+                   "ragged_attention_fwd_kernel"):
+        rows = [row for (name, arch), row in compile_report.items()
+                if arch == PRIMARY_ARCH and name.startswith(family + "[bfloat16")]
+        assert rows and all(100 < row["loop_instructions"][0] < 5000 for row in rows), family
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)

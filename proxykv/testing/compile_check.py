@@ -13,7 +13,8 @@ needs the most shared memory on sm_90 — the one that could pass sm_80's smalle
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
 memory), ``shared_limit``, ``registers`` (per thread) and ``spill_bytes`` (read from the cubin with
-``cuobjdump -res-usage``), ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
+``cuobjdump -res-usage``), ``loop_instructions`` (the SASS instructions of each innermost loop,
+largest first: the main loop's cost per tile, from ``nvdisasm``), ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
 on stdout as each finishes, with a progress bar on stderr. ``--markdown PATH`` also writes the
 report as a table.
 """
@@ -80,11 +81,64 @@ def compile_spec(spec, arch: int) -> dict:
         ptx = compiled.asm["ptx"]
         result.update(ok=True, shared=int(compiled.metadata.shared),
                       tensor_core=TENSOR_CORE_MARKER[arch] in ptx, error=None,
-                      **resource_usage(compiled.asm["cubin"]))
+                      **resource_usage(compiled.asm["cubin"]),
+                      loop_instructions=inner_loop_instructions(compiled.asm["cubin"]))
     except Exception:  # noqa: BLE001 — reported to the caller as data
         result.update(ok=False, shared=None, tensor_core=False, registers=None, spill_bytes=None,
-                      error=traceback.format_exc(limit=3)[-2000:])
+                      loop_instructions=None, error=traceback.format_exc(limit=3)[-2000:])
     return result
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _run_on_cubin(arguments: list[str], cubin: bytes) -> str:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        return subprocess.run([*arguments, handle.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def inner_loop_instructions(cubin: bytes) -> list[int]:
+    """SASS instructions of each innermost loop of a cubin, largest first (``nvdisasm``): a loop
+    is the code from a backward branch's target up to the branch; innermost when it contains no
+    other loop. The first entry is the main loop's per-iteration cost (one tile)."""
+    import re
+
+    listing = _run_on_cubin([_nvidia_tool("nvdisasm"), "-c"], cubin).splitlines()
+    address_of_label: dict[str, int] = {}
+    instructions: list[int] = []  # addresses, in order
+    loops: list[tuple[int, int]] = []
+    pending: list[str] = []
+    for line in listing:
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        instruction = re.match(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*)$", line)
+        if not instruction:
+            continue
+        address = int(instruction.group(1), 16)
+        for name in pending:
+            address_of_label[name] = address
+        pending = []
+        instructions.append(address)
+        branch = re.search(r"\bBRA\b.*`\((\.L_x_\d+)\)", instruction.group(2))
+        if branch:
+            loops.append((branch.group(1), address))
+    spans = [(address_of_label[target], end) for target, end in loops
+             if target in address_of_label and address_of_label[target] <= end]
+    innermost = [(start, end) for start, end in spans
+                 if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in spans)]
+    counts = [sum(start <= a <= end for a in instructions) for start, end in innermost]
+    return sorted(counts, reverse=True)
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -92,18 +146,8 @@ def resource_usage(cubin: bytes) -> dict:
     spills, since the kernels allocate no local arrays) of a cubin, as ``cuobjdump -res-usage``
     (shipped with Triton's NVIDIA backend) reports them."""
     import re
-    import subprocess
-    import tempfile
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(cubin)
-        handle.flush()
-        report = subprocess.run([tool, "-res-usage", handle.name], capture_output=True,
-                                text=True, check=True).stdout
+    report = _run_on_cubin([_nvidia_tool("cuobjdump"), "-res-usage"], cubin)
     match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
     if match is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no resource line:\n{report}")
@@ -192,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
 def markdown_report(results: list[dict]) -> str:
     """The compile report as a Markdown table, one row per (variant, arch)."""
     lines = ["| kernel variant | arch | ok | registers | spill B | shared B | limit B | "
-             "tensor cores |", "|---|---|---|---|---|---|---|---|"]
+             "tensor cores | main loop SASS |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
+        loops = r.get("loop_instructions") or []
         lines.append(f"| `{r['name']}` | sm_{r['arch']} | {'yes' if r['ok'] else 'NO'} | "
                      f"{r.get('registers', '—')} | {r.get('spill_bytes', '—')} | "
                      f"{r.get('shared', '—')} | {r['shared_limit']} | "
-                     f"{'yes' if r.get('tensor_core') else ('—' if not r['uses_dot'] else 'NO')} |")
+                     f"{'yes' if r.get('tensor_core') else ('—' if not r['uses_dot'] else 'NO')} | "
+                     f"{loops[0] if loops else '—'} |")
     return "\n".join(lines) + "\n"
 
 
