@@ -14,9 +14,9 @@ needs the most shared memory on sm_90 — the one that could pass sm_80's smalle
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
 memory), ``shared_limit``, ``registers`` (per thread) and ``spill_bytes`` (read from the cubin with
 ``cuobjdump -res-usage``), ``loop_instructions`` (the SASS instructions of each innermost loop,
-largest first: the main loop's cost per tile, from ``nvdisasm``), ``tensor_core`` (whether the PTX has ``wgmma``/``mma``) and ``error``
-on stdout as each finishes, with a progress bar on stderr. ``--markdown PATH`` also writes the
-report as a table.
+largest first: the main loop's cost per tile, from ``nvdisasm``), ``tensor_core`` (whether the
+PTX has ``wgmma``/``mma``) and ``error`` on stdout as each finishes, with a progress bar on
+stderr. ``--markdown PATH`` also writes the report as a table.
 """
 
 from __future__ import annotations
