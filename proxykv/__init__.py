@@ -9,16 +9,16 @@ from proxykv import align, policies
 from proxykv._backend import BackendChoice, backend_info, interpreter_enabled
 from proxykv.cache import RaggedKVCache
 from proxykv.kernels import (
-                             aggregate_scores,
-                             attention_scores,
-                             combine_layers,
-                             gather_kv,
-                             gather_kv_ragged,
-                             normalize_scores,
-                             pool_scores,
-                             ragged_attention,
-                             ragged_decode_attention,
-                             reduce_heads,
+    aggregate_scores,
+    attention_scores,
+    combine_layers,
+    gather_kv,
+    gather_kv_ragged,
+    normalize_scores,
+    pool_scores,
+    ragged_attention,
+    ragged_decode_attention,
+    reduce_heads,
 )
 from proxykv.policies import available_policies, get_policy
 from proxykv.selection import LayerSelection, Selection

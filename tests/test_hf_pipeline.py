@@ -400,3 +400,16 @@ def test_sampling_arguments(models):
         assert cache.appended == 0
         stopped = pipe.generate(question, 6, cache=cache, eos_token_id=int(greedy[0, 3]))
         assert stopped.shape[1] == 3 + 1 and int(stopped[0, -1]) == int(greedy[0, 3])
+
+
+@pytest.mark.parametrize("policy", ["topk", "head_budget"])
+def test_eager_models_get_the_compressed_eager_attention(policy):
+    target = tiny_model("llama", num_layers=3, vocab_size=VOCAB, attn_implementation="eager")
+    ids = ids_of(1, 36, seed=41)
+    expected = target.generate(ids, max_new_tokens=5, do_sample=False)
+    with make(target, policy=policy, keep_ratio=1.0) as pipe:
+        assert target.config._attn_implementation == "proxykv_eager"
+        # the fallback to eager for an ordinary cache leaves generate unchanged
+        assert torch.equal(target.generate(ids, max_new_tokens=5, do_sample=False), expected)
+        assert torch.equal(pipe.generate(ids, 5), expected)
+    assert target.config._attn_implementation == "eager"

@@ -37,6 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from proxykv.cache import RaggedKVCache
+from proxykv.hf.capture import check_supported_model, stock_attention_function
 from proxykv.kernels import ragged_attention
 
 #: ``{stock implementation: its compressed counterpart}`` registered with transformers.
@@ -50,8 +51,6 @@ def _compressed_attention(stock: str):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         layer = kwargs.pop(LAYER_KEY, None)
         if layer is None:
-            from proxykv.hf.capture import stock_attention_function
-
             function = stock_attention_function(stock, module)
             return function(module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling")
@@ -85,8 +84,6 @@ def enable_compressed_attention(model) -> str:
     """Switch ``model`` (Llama/Qwen2/Qwen3 with ``sdpa`` or ``eager`` attention) to the compressed
     attention (see the module docstring); returns the new implementation's name. Idempotent.
     Other caches give the same outputs as before: it calls the stock function for them."""
-    from proxykv.hf.capture import check_supported_model
-
     current = check_supported_model(model)
     if current in _STOCK_OF:
         return current

@@ -26,7 +26,8 @@ import json
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ from proxykv.hf.scorers import (
     get_scorer,
 )
 from proxykv.policies import Policy, get_policy
+from proxykv.policies.budget import check_budget_choice
 from proxykv.selection import Selection
 
 STAGES = ("target_prefill", "proxy_scoring", "align", "select", "compact")
@@ -89,11 +91,6 @@ class CompressionStats:
         """float ``[B, Lt, Ht]``: kept positions over each row's tokens."""
         valid = torch.tensor(self.valid_lengths, dtype=torch.float64).view(-1, 1, 1)
         return self.kept.double() / valid
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["kept"] = self.kept.tolist()
-        return data
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -209,20 +206,8 @@ class ProxyKV:
         return built.eval()
 
     def _check_budget(self, keep_ratio, budget) -> None:
-        name = f"policy {self.policy!r}"
-        if not self.policy.needs_budget:
-            if keep_ratio is not None or budget is not None:
-                raise ValueError(f"{name} chooses its own budget: pass neither keep_ratio nor "
-                                 f"budget")
-            return
-        if (keep_ratio is None) == (budget is None):
-            raise ValueError(f"{name} needs exactly one of keep_ratio and budget, got "
-                             f"keep_ratio={keep_ratio!r}, budget={budget!r}")
-        if keep_ratio is not None:
-            check_float("keep_ratio", keep_ratio, minimum=0.0, maximum=1.0,
-                        exclusive_minimum=True, meaning="the fraction of positions kept")
-        else:
-            check_int("budget", budget, minimum=1)
+        check_budget_choice(keep_ratio, budget, needs_budget=self.policy.needs_budget,
+                            policy_name=f"policy {self.policy!r}")
 
     def close(self) -> None:
         """Switch the target back to its stock attention once no other open ``ProxyKV`` uses it
@@ -342,7 +327,7 @@ class ProxyKV:
                 if device.type == "cuda" and self.concurrent:
                     stream = torch.cuda.Stream(device=device)
                     stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     scores, _ = self.scorer.score(self.proxy, proxy_ids, proxy_mask)
                 _synchronize(device, stream)
                 result["scores"] = scores
@@ -444,6 +429,7 @@ class ProxyKV:
         pad_id = pad_token_id if pad_token_id is not None else \
             (self.target.generation_config.pad_token_id or (min(eos) if eos else 0))
         device = question.device
+        eos_ids = torch.tensor(sorted(eos), device=device)
         start = torch.tensor(cache.valid_lengths, device=device).unsqueeze(1) + cache.appended
         cache_kw = _cache_argument(self.target)
         if not is_compressed_attention(self.target):
@@ -462,8 +448,7 @@ class ProxyKV:
                                              next_token)
                     generated.append(next_token)
                     if eos:
-                        finished |= torch.isin(next_token, torch.tensor(sorted(eos),
-                                                                        device=device))
+                        finished |= torch.isin(next_token, eos_ids)
                         if bool(finished.all()):
                             break
                     start = start + tokens.shape[1]
@@ -528,14 +513,6 @@ def _synchronize(device: torch.device, stream=None, current_stream_only: bool = 
         torch.cuda.current_stream(device).synchronize()
     else:
         torch.cuda.synchronize(device)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _id_set(name: str, value) -> set[int]:

@@ -38,12 +38,13 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from proxykv._registry import Factory, Registry
 from proxykv._validation import INDEX_DTYPES, check_choice, check_int, check_tensor
 from proxykv.hf.capture import AttentionCall, capture_attention, check_supported_model
 from proxykv.kernels import attention_scores
@@ -72,39 +73,24 @@ class ScorerOutput(NamedTuple):
 # registry
 
 
-Factory = TypeVar("Factory", bound=Callable[..., object])
-_FACTORIES: dict[str, Callable[..., object]] = {}
+_REGISTRY = Registry("scorer", "scorers")
 
 
 def register_scorer(name: str) -> Callable[[Factory], Factory]:
     """Decorator registering a factory (a function or ``Scorer`` subclass) under ``name``;
     ``get_scorer(name, **params)`` calls it. Raises ``ValueError`` if ``name`` is empty or
     already taken."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"scorer name must be a non-empty str, got {name!r}")
-
-    def decorate(factory: Factory) -> Factory:
-        if not callable(factory):
-            raise TypeError(f"register_scorer({name!r}) needs a callable, got "
-                            f"{type(factory).__name__}")
-        if name in _FACTORIES and _FACTORIES[name] is not factory:
-            raise ValueError(f"a scorer named {name!r} is already registered")
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def unregister_scorer(name: str) -> None:
     """Remove ``name`` from the registry."""
-    if name not in _FACTORIES:
-        raise ValueError(f"no scorer named {name!r} is registered")
-    del _FACTORIES[name]
+    _REGISTRY.unregister(name)
 
 
 def available_scorers() -> list[str]:
     """The registered scorer names, sorted."""
-    return sorted(_FACTORIES)
+    return _REGISTRY.names()
 
 
 def get_scorer(name: str, **params) -> Scorer:
@@ -114,33 +100,7 @@ def get_scorer(name: str, **params) -> Scorer:
     parameter the scorer does not take (listing the ones it does), and the scorer's own
     ``TypeError``/``ValueError`` for a bad parameter value.
     """
-    if not isinstance(name, str) or name not in _FACTORIES:
-        raise ValueError(f"unknown scorer {name!r}; available scorers: "
-                         f"{', '.join(available_scorers()) or '(none)'}")
-    factory = _FACTORIES[name]
-    accepted = _keyword_parameters(factory)
-    if accepted is not None:
-        unexpected = sorted(set(params) - set(accepted))
-        if unexpected:
-            raise TypeError(f"scorer {name!r} got unexpected parameter(s) "
-                            f"{', '.join(unexpected)}; it takes: "
-                            f"{', '.join(accepted) or '(no parameters)'}")
-    return factory(**params)
-
-
-def _keyword_parameters(factory) -> list[str] | None:
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    names = []
-    for parameter in signature.parameters.values():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                              inspect.Parameter.KEYWORD_ONLY):
-            names.append(parameter.name)
-    return names
+    return _REGISTRY.build(name, **params)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 ``reference.py`` (naive oracle), ``torch_impl.py`` (CPU) and ``triton_impl.py`` (kernels)."""
 
 from proxykv.kernels.aggregate import (
-                                       GROUP_MODES,
-                                       NORMALIZE_MODES,
-                                       aggregate_scores,
-                                       combine_layers,
-                                       normalize_scores,
-                                       reduce_heads,
+    GROUP_MODES,
+    NORMALIZE_MODES,
+    aggregate_scores,
+    combine_layers,
+    normalize_scores,
+    reduce_heads,
 )
 from proxykv.kernels.attend import ragged_attention, ragged_decode_attention
 from proxykv.kernels.attention import QUERY_REDUCTIONS, attention_scores

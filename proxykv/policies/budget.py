@@ -29,34 +29,43 @@ def round_half_up(values: torch.Tensor) -> torch.Tensor:
     return torch.floor(values.double() + 0.5).to(torch.int64)
 
 
-def resolve_budget(seq_len: int, keep_ratio, budget, *, needs_budget: bool,
-                   policy_name: str) -> int | None:
-    """The per-head budget ``select`` was asked for, or None for adaptive policies.
-
-    Raises ``ValueError``/``TypeError`` for: both or neither of ``keep_ratio``/``budget`` (when one
-    is needed), either of them for a policy that needs neither, ``keep_ratio`` outside ``(0, 1]``,
-    ``budget`` outside ``[1, T]`` or not an int.
-    """
+def check_budget_choice(keep_ratio, budget, *, needs_budget: bool, policy_name: str) -> None:
+    """The checks of ``resolve_budget`` that need no sequence length: both or neither of
+    ``keep_ratio``/``budget`` (when one is needed), either for a policy that needs neither,
+    ``keep_ratio`` outside ``(0, 1]``, ``budget`` not an int >= 1."""
     if not needs_budget:
         if keep_ratio is not None or budget is not None:
             raise ValueError(f"{policy_name} chooses its own budget from the scores: pass neither "
                              f"keep_ratio nor budget, got keep_ratio={keep_ratio!r}, "
                              f"budget={budget!r}")
-        return None
+        return
     if keep_ratio is None and budget is None:
         raise ValueError(f"{policy_name} needs exactly one of keep_ratio and budget, got neither")
     if keep_ratio is not None and budget is not None:
         raise ValueError(f"{policy_name} needs exactly one of keep_ratio and budget, got both "
                          f"(keep_ratio={keep_ratio!r}, budget={budget!r})")
     if keep_ratio is not None:
-        keep_ratio = check_float("keep_ratio", keep_ratio, minimum=0.0, maximum=1.0,
-                                 exclusive_minimum=True, meaning="the fraction of positions kept")
-        return keep_ratio_to_budget(keep_ratio, seq_len)
+        check_float("keep_ratio", keep_ratio, minimum=0.0, maximum=1.0, exclusive_minimum=True,
+                    meaning="the fraction of positions kept")
+        return
     if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
         raise TypeError(f"budget must be an int (positions kept per head), got "
                         f"{type(budget).__name__} {budget!r}")
     if budget < 1:
         raise ValueError(f"budget must be >= 1 (positions kept per head), got {budget}")
+
+
+def resolve_budget(seq_len: int, keep_ratio, budget, *, needs_budget: bool,
+                   policy_name: str) -> int | None:
+    """The per-head budget ``select`` was asked for, or None for adaptive policies.
+
+    Raises ``ValueError``/``TypeError`` as ``check_budget_choice``, and for ``budget > T``.
+    """
+    check_budget_choice(keep_ratio, budget, needs_budget=needs_budget, policy_name=policy_name)
+    if not needs_budget:
+        return None
+    if keep_ratio is not None:
+        return keep_ratio_to_budget(float(keep_ratio), seq_len)
     if budget > seq_len:
         raise ValueError(f"budget must be <= T={seq_len} (the number of positions), got {budget}")
     return int(budget)

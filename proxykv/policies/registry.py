@@ -8,13 +8,11 @@ the same decorator.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import TypeVar
 
-Factory = TypeVar("Factory", bound=Callable[..., object])
+from proxykv._registry import Factory, Registry
 
-_FACTORIES: dict[str, Callable[..., object]] = {}
+_REGISTRY = Registry("policy", "policies")
 
 
 def register_policy(name: str) -> Callable[[Factory], Factory]:
@@ -22,67 +20,23 @@ def register_policy(name: str) -> Callable[[Factory], Factory]:
 
     Raises ``ValueError`` if ``name`` is empty or already taken (unregister nothing silently).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"policy name must be a non-empty str, got {name!r}")
-
-    def decorate(factory: Factory) -> Factory:
-        if not callable(factory):
-            raise TypeError(f"register_policy({name!r}) needs a callable, got "
-                            f"{type(factory).__name__}")
-        if name in _FACTORIES and _FACTORIES[name] is not factory:
-            raise ValueError(f"a policy named {name!r} is already registered")
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorate
+    return _REGISTRY.register(name)
 
 
 def unregister_policy(name: str) -> None:
     """Remove ``name`` from the registry (for tests and plugins that re-register)."""
-    if name not in _FACTORIES:
-        raise ValueError(f"no policy named {name!r} is registered")
-    del _FACTORIES[name]
+    _REGISTRY.unregister(name)
 
 
 def available_policies() -> list[str]:
     """The registered policy names, sorted."""
-    return sorted(_FACTORIES)
+    return _REGISTRY.names()
 
 
 def get_policy(name: str, **params):
     """Build the policy registered as ``name`` with ``params`` (validated by the policy).
 
     Raises ``ValueError`` for an unknown name (listing the available ones) and ``TypeError`` for a
-    parameter the policy does not take (listing the ones it does).
+    parameter the policy does not take (listing the ones it does) or a required one missing.
     """
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown policy {name!r}; available policies: "
-                         f"{', '.join(available_policies()) or '(none)'}")
-    factory = _FACTORIES[name]
-    accepted = _keyword_parameters(factory)
-    if accepted is not None:
-        unexpected = sorted(set(params) - set(accepted))
-        if unexpected:
-            raise TypeError(f"policy {name!r} got unexpected parameter(s) {', '.join(unexpected)}; "
-                            f"it takes: {', '.join(accepted) or '(no parameters)'}")
-        missing = [key for key, required in accepted.items() if required and key not in params]
-        if missing:
-            raise TypeError(f"policy {name!r} needs parameter(s) {', '.join(missing)}")
-    return factory(**params)
-
-
-def _keyword_parameters(factory: Callable[..., object]) -> dict[str, bool] | None:
-    """``{name: required}`` of the keyword parameters ``factory`` takes, or None when it also
-    takes ``**kwargs`` or has no readable signature (then the factory checks for itself)."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):
-        return None
-    parameters = {}
-    for parameter in signature.parameters.values():
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                              inspect.Parameter.KEYWORD_ONLY):
-            parameters[parameter.name] = parameter.default is inspect.Parameter.empty
-    return parameters
+    return _REGISTRY.build(name, **params)

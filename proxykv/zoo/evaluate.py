@@ -155,7 +155,6 @@ def run_eval(target, proxy, tokenizer, aligners: dict | None = None,
         methods.insert(0, "kvzip")
     kvzip_masks: dict[tuple, torch.Tensor] = {}
     records = []
-    weights = {"target": _model_bytes(target), "proxy": _model_bytes(proxy) if proxy else 0}
     total = len(methods) * sum(len(s) for s in samples.values())
     bar = tqdm(total=total, desc="eval", disable=not progress, file=sys.stderr)
     for name in methods:
@@ -169,17 +168,15 @@ def run_eval(target, proxy, tokenizer, aligners: dict | None = None,
         pipe = build_pipeline(name, target, proxy, aligners, tokenizer, ratios[0], config.impl)
         try:
             for task, task_samples in samples.items():
-                acc = {r: [] for r in ratios}
-                recall = {r: [] for r in ratios}
-                cost = {r: {"scoring": [], "ttft": [], "decode": [], "kept": [], "peak": []}
-                        for r in ratios}
+                found = {ratio: {key: [] for key in _MEASURES} for ratio in ratios}
                 for index, sample in enumerate(task_samples):
                     bar.set_postfix_str(f"{name} {task}", refresh=False)
                     context = _tokenize(tokenizer, T.render(sample.context), device)
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    scored, _ = _timed(lambda: pipe.score(context), device)
-                    scoring = scored.seconds["total"]
+                    scored = pipe.score(context)
+                    peak = _peak_bytes(target, proxy if method.aligner else None,
+                                       context.shape[1], method.scorer, device)
                     for ratio in ratios:
                         cache = pipe.compact(scored, keep_ratio=ratio)
                         mask = cache.selection.to_mask()
@@ -187,57 +184,68 @@ def run_eval(target, proxy, tokenizer, aligners: dict | None = None,
                             kvzip_masks[(task, index, ratio)] = mask
                         reference = kvzip_masks.get((task, index, ratio))
                         if reference is not None:
-                            recall[ratio].append(
+                            found[ratio]["recall"].append(
                                 float((mask & reference).sum() / reference.sum().clamp_min(1)))
-                        for q_index, (question, answer) in enumerate(
-                                zip(sample.questions, sample.answers)):
-                            q_ids = _tokenize(tokenizer, T.render(question), device)
-                            expected = T.render(answer).split()
-                            if q_index == 0:
-                                _, first = _timed(lambda: pipe.generate(q_ids, 1, cache=cache),
-                                                  device)
-                                cost[ratio]["ttft"].append(
-                                    scoring + cache.stats.seconds["select"]
-                                    + cache.stats.seconds["compact"] + first)
-                            out = pipe.generate(q_ids, len(expected) + 1, cache=cache)
-                            got = _words(tokenizer, out[0, q_ids.shape[1]:])
-                            acc[ratio].append(got[:len(expected)] == expected)
-                            if index == 0 and q_index == 0:
-                                _, long = _timed(lambda: pipe.generate(
-                                    q_ids, DECODE_TOKENS + 1, cache=cache, eos_token_id=[]),
-                                    device)
-                                cost[ratio]["decode"].append(
-                                    DECODE_TOKENS / max(1e-9, long - first))
-                        cost[ratio]["scoring"].append(scoring)
-                        cost[ratio]["kept"].append(cache.stats.kv_bytes_after)
-                        if device.type == "cuda":
-                            peak = torch.cuda.max_memory_allocated(device)
-                        else:
-                            rows = context.shape[1]
-                            recon = 2 * rows + 1 if method.scorer == "reconstruction" else rows
-                            peak = weights["target"] + _kv_bytes(target, rows) + (
-                                weights["proxy"] + _kv_bytes(proxy, recon) if method.aligner
-                                else _kv_bytes(target, recon - rows))
-                        cost[ratio]["peak"].append(peak)
+                        correct, first, decode = _ask(pipe, cache, sample, tokenizer, device,
+                                                      time_decode=index == 0)
+                        found[ratio]["correct"] += correct
+                        found[ratio]["ttft"].append(cache.stats.seconds["total"] + first)
+                        found[ratio]["decode"] += [decode] if decode is not None else []
+                        found[ratio]["scoring"].append(scored.seconds["total"])
+                        found[ratio]["kept"].append(cache.stats.kv_bytes_after)
+                        found[ratio]["peak"].append(peak if peak is not None else
+                                                    torch.cuda.max_memory_allocated(device))
                     scored.release()
                     bar.update(1)
-                for ratio in ratios:
-                    c = cost[ratio]
-                    records.append({
-                        "method": name, "keep_ratio": ratio, "task": task,
-                        "accuracy": sum(acc[ratio]) / max(1, len(acc[ratio])),
-                        "questions": len(acc[ratio]),
-                        "recall_vs_kvzip": _mean(recall[ratio]),
-                        "scoring_seconds": _mean(c["scoring"]),
-                        "ttft_seconds": _mean(c["ttft"]),
-                        "decode_tokens_per_s": _mean(c["decode"]),
-                        "kv_kept_bytes": _mean(c["kept"]), "peak_bytes": max(c["peak"]),
-                        "length": config.length, "n": config.n, "seed": config.seed,
-                    })
+                records += [_record(name, ratio, task, found[ratio], config) for ratio in ratios]
         finally:
             pipe.close()
     bar.close()
     return _with_overall(records, config)
+
+
+_MEASURES = ("correct", "recall", "scoring", "ttft", "decode", "kept", "peak")
+
+
+def _ask(pipe, cache, sample, tokenizer, device, time_decode: bool):
+    """Ask every question of ``sample`` over ``cache``: ``(correct per question, seconds to the
+    first answer token of the first question, decode tokens/s or None)``."""
+    correct, first, decode = [], 0.0, None
+    for q_index, (question, answer) in enumerate(zip(sample.questions, sample.answers)):
+        q_ids = _tokenize(tokenizer, T.render(question), device)
+        expected = T.render(answer).split()
+        if q_index == 0:
+            _, first = _timed(lambda: pipe.generate(q_ids, 1, cache=cache), device)
+            if time_decode:
+                _, long = _timed(lambda: pipe.generate(q_ids, DECODE_TOKENS + 1, cache=cache,
+                                                       eos_token_id=[]), device)
+                decode = DECODE_TOKENS / max(1e-9, long - first)
+        out = pipe.generate(q_ids, len(expected) + 1, cache=cache)
+        correct.append(_words(tokenizer, out[0, q_ids.shape[1]:])[:len(expected)] == expected)
+    return correct, first, decode
+
+
+def _peak_bytes(target, proxy, rows: int, scorer: str, device) -> int | None:
+    """Peak memory of one compression: measured on CUDA (None here: read it after the run), on
+    CPU the weights of the models used plus their KV at its largest (the reconstruction scorer
+    holds a second copy of the context and the repeat prompt)."""
+    if device.type == "cuda":
+        return None
+    scored_rows = 2 * rows + 1 if scorer == "reconstruction" else rows
+    if proxy is not None:
+        return (_model_bytes(target) + _kv_bytes(target, rows) + _model_bytes(proxy)
+                + _kv_bytes(proxy, scored_rows))
+    return _model_bytes(target) + _kv_bytes(target, scored_rows)
+
+
+def _record(method: str, ratio: float, task: str, found: dict, config: EvalConfig) -> dict:
+    return {"method": method, "keep_ratio": ratio, "task": task,
+            "accuracy": sum(found["correct"]) / max(1, len(found["correct"])),
+            "questions": len(found["correct"]), "recall_vs_kvzip": _mean(found["recall"]),
+            "scoring_seconds": _mean(found["scoring"]), "ttft_seconds": _mean(found["ttft"]),
+            "decode_tokens_per_s": _mean(found["decode"]), "kv_kept_bytes": _mean(found["kept"]),
+            "peak_bytes": max(found["peak"]), "length": config.length, "n": config.n,
+            "seed": config.seed}
 
 
 def _mean(values) -> float | None:
