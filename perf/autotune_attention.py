@@ -1,5 +1,5 @@
 """Sweep attention_scores launch plans (tile configs x key splits) on a GPU and print the best per
-shape, to revisit ``GPU_CONFIGS`` / ``_default_plan`` in proxykv/kernels/attention/triton_impl.py.
+shape, to revisit ``GPU_TILES`` / ``_default_plan`` in proxykv/kernels/attention/triton_impl.py.
 
     python perf/autotune_attention.py [--quick]
 
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import time_callable  # noqa: E402
 
+from proxykv.kernels._gpu import gpu_limits  # noqa: E402
 from proxykv.kernels.attention import triton_impl  # noqa: E402
 from proxykv.kernels.attention.torch_impl import attention_scores_torch  # noqa: E402
 from proxykv.testing import assert_close  # noqa: E402
@@ -38,11 +39,15 @@ def main(argv=None) -> int:
         kwargs = dict(scale=128 ** -0.5, causal=True, q_offset=t_k - t_q, reduce="mean",
                       group_reduce="mean")
         expected = attention_scores_torch(q, k, **kwargs)
-        default = triton_impl._default_plan(1, 8, 4, t_q, t_k, on_gpu=True)
+        limits = gpu_limits(device)
+        default = triton_impl._default_plan(1, 8, 4, t_q, t_k, on_gpu=True, limits=limits)
         results = []
-        for block_m, block_n, num_warps, num_stages in triton_impl.GPU_CONFIGS:
+        for block_m, block_n, num_warps in triton_impl.GPU_TILES:
+            stages = triton_impl._pipeline_depths(block_m, block_n, 128, 2, limits.shared_memory)
+            if stages is None:  # the tile cannot be pipelined in this GPU's shared memory
+                continue
             for n_splits in sorted({1, default.n_splits, 4 * default.n_splits}):
-                plan = triton_impl.LaunchPlan(block_m, block_n, n_splits, num_warps, num_stages)
+                plan = triton_impl.LaunchPlan(block_m, block_n, n_splits, num_warps, *stages)
 
                 def run(plan=plan):
                     return triton_impl.attention_scores_triton(q, k, plan=plan, **kwargs)

@@ -97,6 +97,40 @@ def test_launch_plans_agree(block_m, block_n, n_splits, device):
         assert_close(actual, expected, name=f"plan {plan} {reduce}/{group_reduce}")
 
 
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16), (64, 64)],
+                         ids=["M16-N32", "M32-N16", "M64-N64"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_reconstruction_tiles_cross_the_diagonal(block_m, block_n, causal, device):
+    """Reconstruction-shaped: 70 queries after 30 context keys. Pass 2's key blocks see masked
+    diagonal query tiles, then unmasked interior ones ending in a partial tile; pass 1's splits
+    see unmasked key tiles, then masked ones; batch row 1 is padded. Every reduction pair."""
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 70, 16, generator=generator).to(device)
+    k = torch.randn(2, 2, 100, 16, generator=generator).to(device)
+    valid = torch.tensor([100, 85], device=device)
+    plan = triton_impl.LaunchPlan(block_m=block_m, block_n=block_n, n_splits=2)
+    for reduce, group_reduce in REDUCTIONS:
+        kwargs = dict(causal=causal, q_offset=30, reduce=reduce, group_reduce=group_reduce)
+        actual = triton_impl.attention_scores_triton(q, k, scale=16 ** -0.5, key_valid_len=valid,
+                                                     plan=plan, **kwargs)
+        expected = attention_scores_reference(q, k, key_valid_len=valid, **kwargs)
+        assert_close(actual, expected, name=f"{plan} {reduce}/{group_reduce}")
+
+
+def test_int64_tile_offsets_give_the_same_scores(monkeypatch, device):
+    """The kernels' int64 in-tile offsets (taken when int32 ones could pass 2**31) compute the
+    same scores as the int32 ones, in both passes."""
+    generator = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 4, 50, 16, generator=generator).to(device)
+    k = torch.randn(1, 2, 70, 16, generator=generator).to(device)
+    narrow = attention_scores(q, k, reduce="max", group_reduce="max", impl="triton")
+    monkeypatch.setattr(triton_impl, "_wide_tile_offsets", lambda *args: True)
+    wide = attention_scores(q, k, reduce="max", group_reduce="max", impl="triton")
+    assert_close(wide, attention_scores_reference(q, k, reduce="max", group_reduce="max"),
+                 name="int64 offsets")
+    torch.testing.assert_close(wide, narrow, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 4096, 1 << 30], ids=["chunk1", "chunk-small", "whole"])
 def test_torch_chunking_does_not_change_results(chunk_bytes):
     generator = torch.Generator().manual_seed(4)

@@ -82,19 +82,52 @@ def _check_row(row):
     assert isinstance(row["loop_instructions"], list), row
 
 
-# The decode/question kernel runs once per generated token and layer: in the variants a GPU runs
-# (fp16/bf16 on sm_90) it must not spill. (Spills the report still shows, to be removed by the
-# [gpu] work: scoring pass 2 at D >= 80 on fp16/bf16, 24-288 B; every fp32 IEEE-dot variant.)
-NO_SPILL_FAMILIES = ("ragged_attention_fwd_kernel", "ragged_attention_merge_fwd_kernel",
-                     "gather_kv_fwd_kernel")
+HOT_SPEC_NAMES = [spec.name for spec in collect_specs() if spec.hot]
 
 
-@pytest.mark.parametrize("name", [n for n in SPEC_NAMES if n.split("[")[0] in NO_SPILL_FAMILIES
-                                  and "float32" not in n])
-def test_hot_decode_kernels_do_not_spill_on_sm90(compile_report, name):
+@pytest.mark.parametrize("name", HOT_SPEC_NAMES)
+def test_hot_variants_do_not_spill_on_sm90(compile_report, name):
+    """A variant a launcher picks for a GPU run (the decode/question kernel, every scoring plan,
+    the gathers) keeps everything in registers on sm_90."""
     row = compile_report[(name, PRIMARY_ARCH)]
     assert row["spill_bytes"] == 0, (f"{name} spills {row['spill_bytes']} bytes per thread on "
                                      f"sm_90 ({row['registers']} registers)")
+
+
+def test_hot_variants_cover_every_scoring_plan_and_the_decode_kernel():
+    families = {name.split("[")[0] for name in HOT_SPEC_NAMES}
+    assert {"attention_lse_fwd_kernel", "attention_scores_fwd_kernel",
+            "ragged_attention_fwd_kernel", "gather_kv_fwd_kernel"} <= families
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in collect_specs()
+                                  if spec.shared_bound is not None])
+def test_launchers_shared_memory_bound_holds(compile_report, name):
+    """The launcher picks pipeline depths from an estimate of shared memory; the compiler must
+    not allocate more than it assumed, or a plan it believes fits could fail to launch."""
+    row = compile_report[(name, PRIMARY_ARCH)]
+    assert row["shared"] <= row["shared_bound"], (
+        f"{name} allocates {row['shared']} bytes of shared memory; the launcher assumed "
+        f"{row['shared_bound']}")
+
+
+# The [gpu] targets for the scoring loops (SASS instructions per warp per key or query tile):
+# pass 2 <= 400, pass 1 <= 600, in the tensor-core variants the plans pick. Pass 1's unmasked
+# loop comes first in the code, pass 2's last (its masked diagonal tiles come first).
+INTERIOR_LOOP_TARGETS = {"attention_lse_fwd_kernel": (0, 600),
+                         "attention_scores_fwd_kernel": (-1, 400)}
+
+
+@pytest.mark.parametrize("family", sorted(INTERIOR_LOOP_TARGETS))
+def test_scoring_interior_loops_meet_the_instruction_targets(compile_report, family):
+    position, target = INTERIOR_LOOP_TARGETS[family]
+    rows = [row for (name, arch), row in compile_report.items()
+            if arch == PRIMARY_ARCH and name.startswith(family + "[") and row["hot"]
+            and row["uses_dot"]]
+    assert len(rows) >= 10, family
+    over = {row["name"]: row["loop_instructions"] for row in rows
+            if row["loop_instructions"][position] > target}
+    assert not over, f"interior loops over {target} SASS instructions per tile: {over}"
 
 
 def test_loop_instructions_are_counted(compile_report):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxykv.kernels.attention.triton_impl import GPU_CONFIGS, LaunchPlan, launch_grids
+from proxykv.kernels.attention.triton_impl import GPU_TILES, LaunchPlan, launch_grids
 
 GRID_X_LIMIT = 2**31 - 1
 GRID_YZ_LIMIT = 65535
@@ -38,11 +38,10 @@ def test_attention_scores_grids_fit_at_extreme_shapes(shape, on_gpu):
     assert keys_per_split >= 1 and lse_grid[1] * keys_per_split >= t_k
 
 
-@pytest.mark.parametrize("config", GPU_CONFIGS)
-def test_a_plan_asking_for_too_many_splits_still_launches(config):
-    block_m, block_n, num_warps, num_stages = config
-    plan = LaunchPlan(block_m, block_n, n_splits=1 << 20, num_warps=num_warps,
-                      num_stages=num_stages)
+@pytest.mark.parametrize("tile", GPU_TILES)
+def test_a_plan_asking_for_too_many_splits_still_launches(tile):
+    block_m, block_n, num_warps = tile
+    plan = LaunchPlan(block_m, block_n, n_splits=1 << 20, num_warps=num_warps)
     lse_grid, _, keys_per_split = launch_grids(1, 1, 1, 1, 1 << 30, plan=plan)
     assert_launchable(lse_grid)
     assert keys_per_split % block_n == 0
@@ -81,22 +80,26 @@ def _useful_programs(lengths, plan, query_blocks=1):
     [100_000, 50_000, 3, 7000],       # very ragged
     [131072] + [4096] * 31,           # a long one among medium ones
 ], ids=["one-long", "uniform", "ragged", "long-medium"])
-def test_decode_splits_fill_the_gpu_by_total_work(lengths):
-    """The decode plan sizes its splits from the total rows to read, not the longest segment, so
-    ragged and batched caches fill the machine: at least half the target number of programs, or
-    (when there is too little work for that) every split at its smallest size."""
+@pytest.mark.parametrize("sm_count", [132, 78, 8], ids=["H100", "H20", "small"])
+def test_decode_splits_fill_the_gpu_by_total_work(lengths, sm_count):
+    """The decode plan sizes its splits from the total rows to read (not the longest segment) and
+    the device's SM count, so ragged and batched caches fill the machine: at least half the
+    target number of programs, or (when there is too little work for that) every split at its
+    smallest size."""
     import torch
 
     from proxykv.kernels.attend import triton_impl
 
     plan = triton_impl.plan_ragged_attention(max(lengths), len(lengths), 4, 128, torch.bfloat16,
-                                             True, total_rows=sum(lengths))
+                                             True, total_rows=sum(lengths), sm_count=sm_count)
     useful = _useful_programs(lengths, plan)
     smallest_split = triton_impl.GPU_MIN_TILES_PER_SPLIT * plan.block_n
     assert plan.keys_per_split >= smallest_split
-    assert useful >= min(triton_impl.GPU_TARGET_PROGRAMS // 2, sum(lengths) // smallest_split), \
-        (useful, plan)
-    assert useful <= 4 * triton_impl.GPU_TARGET_PROGRAMS  # not split into needless merges
+    from proxykv.kernels._gpu import PROGRAMS_PER_SM
+
+    target = PROGRAMS_PER_SM * sm_count
+    assert useful >= min(target // 2, sum(lengths) // smallest_split), (useful, plan)
+    assert useful <= 4 * target  # not split into needless merges
     assert_launchable((len(lengths) * -(-4 // plan.block_m), plan.num_splits))
 
 
@@ -133,3 +136,105 @@ def test_total_rows_is_a_checked_hint(device):
         ragged_attention(q, k, v, cu, total_rows=sum(lengths) + 1)
     with pytest.raises(TypeError, match="total_rows"):
         ragged_attention(q, k, v, cu, total_rows=1.5)
+
+
+# Shared memory per block (opt-in) of the GPUs a plan must fit: H100/H200, A100, and the 99 KiB of
+# sm_86/sm_89.
+SHARED_LIMITS = [232_448, 166_912, 101_376]
+
+
+@pytest.mark.parametrize("shared_memory", SHARED_LIMITS, ids=lambda s: f"{s // 1024}KiB")
+@pytest.mark.parametrize("itemsize", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["folded", "per-head"])
+def test_scoring_plans_fit_shared_memory_at_every_head_dim(shared_memory, itemsize, per_head):
+    """Every head dim the API accepts, at window and reconstruction lengths: the launcher's plan
+    needs at most the device's shared memory in either pass (by the estimate that
+    tests/test_compile.py checks against the compiler), pipelined at least one stage."""
+    from proxykv.kernels._gpu import GpuLimits
+    from proxykv.kernels.attention import triton_impl
+
+    limits = GpuLimits(sm_count=132, shared_memory=shared_memory)
+    for head_dim in [1, 16, 63, 64, 80, 96, 112, 128, 160, 192, 255, 256]:
+        for t_q in (1, 64, 128, 129, 4096, 1 << 20):
+            plan = triton_impl._default_plan(1, 8, 4, t_q, 1 << 20, True, head_dim=head_dim,
+                                             itemsize=itemsize, per_head=per_head, limits=limits)
+            needs = triton_impl.shared_memory_bytes(plan.block_m, plan.block_n, head_dim,
+                                                    itemsize, plan.num_stages, plan.score_stages)
+            assert max(needs) <= shared_memory, (head_dim, t_q, plan, needs)
+            assert plan.num_stages >= 1 and 1 <= plan.score_stages <= 2, plan
+
+
+def test_reconstruction_plans_use_128_row_tiles_and_3_stages_on_an_h100():
+    from proxykv.kernels.attention import triton_impl
+
+    long = triton_impl._default_plan(1, 8, 4, 8192, 8192, True, head_dim=128)
+    assert (long.block_m, long.block_n, long.num_warps, long.num_stages) == (128, 128, 8, 3)
+    window = triton_impl._default_plan(1, 8, 4, 64, 1 << 17, True, head_dim=128)
+    assert (window.block_m, window.num_warps) == (64, 4)
+    row_blocks = 8 * (4 * 64 // 64)  # KV heads x row blocks of the group's 256 rows
+    assert window.n_splits * row_blocks >= 4 * 132  # the key splits fill the GPU
+    # On an A100 at D = 256 the reconstruction tile still fits, with fewer stages or rows.
+    from proxykv.kernels._gpu import GpuLimits
+
+    a100 = triton_impl._default_plan(1, 8, 4, 8192, 8192, True, head_dim=256,
+                                     limits=GpuLimits(108, 166_912))
+    assert max(triton_impl.shared_memory_bytes(a100.block_m, a100.block_n, 256, 2,
+                                               a100.num_stages, a100.score_stages)) <= 166_912
+
+
+@pytest.mark.parametrize("block, stride_t, head_dim, stride_d, wide", [
+    (128, 1 << 25, 128, 1, True),          # 127 rows of 2**25 elements: past 2**31
+    (128, (1 << 31) // 127 - 1, 16, 1, False),
+    (128, 16384, 128, 1, False),           # [B, T, H, D] at H * D = 16384
+    (16, 1, 128, 1 << 28, True),           # a transposed head dim
+])
+def test_tile_offsets_widen_only_when_they_could_pass_2_31(block, stride_t, head_dim, stride_d,
+                                                           wide):
+    from proxykv.kernels.attention import triton_impl
+
+    assert triton_impl._wide_tile_offsets(block, stride_t, head_dim, stride_d) is wide
+
+
+@pytest.mark.parametrize("batch, h_kv, n", [(1, 8, 1 << 24), (8192, 8, 4096), (1, 1, 1)],
+                         ids=["16M-rows-kept", "batch-8192", "one"])
+@pytest.mark.parametrize("head_dim, itemsize", [(64, 2), (128, 2), (256, 4)])
+def test_gather_grids_fit_at_extreme_shapes(batch, h_kv, n, head_dim, itemsize):
+    """16M kept rows of one head made 262,144 blocks on grid axis 1 before the blocks moved to
+    axis 0 with the (batch, head) rows."""
+    from proxykv.kernels.gather import triton_impl
+
+    block_n = triton_impl.tile_shape(head_dim, itemsize)[0]
+    assert_launchable(triton_impl.gather_grid(batch, h_kv, n, block_n))
+
+
+@pytest.mark.parametrize("batch, heads, length, layers_out", [
+    (8192, 8, 4096, 80),        # 65,536 (batch, head) rows: one past axis 1's limit
+    (1, 8, 1 << 26, 80),        # a 64M-token row
+    (1, 1, 1, 1),
+])
+def test_combine_layers_grids_fit_at_extreme_shapes(batch, heads, length, layers_out):
+    from proxykv.kernels.aggregate import triton_impl
+
+    assert_launchable(triton_impl.combine_grid(batch, heads, length, layers_out))
+
+
+def test_aggregate_grids_fit_and_an_impossible_one_is_refused():
+    """Score aggregation launches rows (batch × layers × heads) by tiles of the length: a row of
+    2**27 tokens has 131,072 tiles, past axis 1's limit, and fits on axis 0. A grid past axis 0's
+    2**31 - 1 programs raises a ValueError before any launch."""
+    from proxykv.kernels._layout import rows_by_tiles_grid
+    from proxykv.kernels.aggregate import triton_impl
+
+    for rows, length in [(8, 1 << 27), (32 * 80 * 32, 1 << 17), (1, 1)]:
+        assert_launchable(rows_by_tiles_grid(rows, -(-length // triton_impl._block_t(length))))
+    with pytest.raises(ValueError, match="programs"):
+        rows_by_tiles_grid(1 << 20, 1 << 12)
+
+
+def test_plans_assume_an_h100_off_a_gpu():
+    import torch
+
+    from proxykv.kernels._gpu import H100, gpu_limits
+
+    assert gpu_limits(None) == gpu_limits(torch.device("cpu")) == H100
+    assert (H100.sm_count, H100.shared_memory) == (132, 232_448)

@@ -24,6 +24,10 @@ class CompileSpec:
     arguments in ``unit_strides`` (the innermost stride of a contiguous head dim) are
     specialised to 1. That variant vectorises and pipelines the most, so it also needs the most
     shared memory.
+
+    ``hot`` marks a variant a launcher picks for a GPU run by default: it must not spill
+    registers on sm_90. ``shared_bound`` is the shared memory the launcher assumed when it chose
+    the variant's pipeline depth; the compiled kernel must not need more.
     """
 
     name: str
@@ -34,6 +38,8 @@ class CompileSpec:
     num_stages: int = 3
     uses_dot: bool = False
     unit_strides: tuple[str, ...] = ()
+    hot: bool = False
+    shared_bound: int | None = None
 
 
 TRITON_POINTER_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32",

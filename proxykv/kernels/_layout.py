@@ -47,3 +47,26 @@ def row_start(base_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2):
     index_1 = (row // rows_2) % rows_1
     index_0 = row // (rows_2 * rows_1)
     return base_ptr + index_0 * stride_r0 + index_1 * stride_r1 + index_2 * stride_r2
+
+
+#: programs CUDA accepts on grid axis 0 (axes 1 and 2 stop at 65,535)
+GRID_X_LIMIT = 2**31 - 1
+
+
+def rows_by_tiles_grid(n_rows: int, n_tiles: int) -> tuple[int]:
+    """A one-axis grid of ``n_rows × n_tiles`` programs (decoded by ``row_and_tile``): both counts
+    grow with the input (batch × heads × layers, and length), so neither may sit on axis 1 or 2,
+    whose 65,535 a 67M-token row or a batch of 8,192 × 8 heads would pass."""
+    programs = n_rows * n_tiles
+    if programs > GRID_X_LIMIT:
+        raise ValueError(f"{n_rows} rows of {n_tiles} tiles make {programs} programs; a launch "
+                         f"takes at most {GRID_X_LIMIT}")
+    return (programs,)
+
+
+@triton.jit
+def row_and_tile(n_tiles):
+    """``(row, tile)`` of this program in a ``rows_by_tiles_grid``, int64; the tiles of a row are
+    neighbouring programs, so they read neighbouring memory."""
+    program = tl.program_id(0).to(tl.int64)
+    return program // n_tiles, program % n_tiles

@@ -12,9 +12,10 @@ needs the most shared memory on sm_90 — the one that could pass sm_80's smalle
 (``--all-archs`` compiles everything everywhere).
 
 It prints one JSON object per (kernel variant, arch) with ``ok``, ``shared`` (bytes of shared
-memory), ``shared_limit``, ``registers`` (per thread) and ``spill_bytes`` (read from the cubin with
+memory), ``shared_limit``, ``shared_bound`` and ``hot`` (from the spec), ``registers`` (per
+thread) and ``spill_bytes`` (read from the cubin with
 ``cuobjdump -res-usage``), ``loop_instructions`` (the SASS instructions of each innermost loop,
-largest first: the main loop's cost per tile, from ``nvdisasm``), ``tensor_core`` (whether the
+in code order: the cost of one tile, from ``nvdisasm``), ``tensor_core`` (whether the
 PTX has ``wgmma``/``mma``) and ``error`` on stdout as each finishes, with a progress bar on
 stderr. ``--markdown PATH`` also writes the report as a table.
 """
@@ -60,8 +61,8 @@ def compile_spec(spec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"name": spec.name, "arch": arch, "uses_dot": spec.uses_dot,
-              "shared_limit": SHARED_MEMORY_LIMIT[arch]}
+    result = {"name": spec.name, "arch": arch, "uses_dot": spec.uses_dot, "hot": spec.hot,
+              "shared_limit": SHARED_MEMORY_LIMIT[arch], "shared_bound": spec.shared_bound}
     try:
         kernel = _jit_function(spec.kernel)
         constexprs = {**spec.constexprs, **{name: 1 for name in spec.unit_strides}}
@@ -107,9 +108,10 @@ def _run_on_cubin(arguments: list[str], cubin: bytes) -> str:
 
 
 def inner_loop_instructions(cubin: bytes) -> list[int]:
-    """SASS instructions of each innermost loop of a cubin, largest first (``nvdisasm``): a loop
+    """SASS instructions of each innermost loop of a cubin, in code order (``nvdisasm``): a loop
     is the code from a backward branch's target up to the branch; innermost when it contains no
-    other loop. The first entry is the main loop's per-iteration cost (one tile)."""
+    other loop (the one-instruction loop that traps after the exit is left out). Each count is
+    the cost of one iteration: one tile, in the scoring and attention kernels."""
     import re
 
     listing = _run_on_cubin([_nvidia_tool("nvdisasm"), "-c"], cubin).splitlines()
@@ -137,8 +139,8 @@ def inner_loop_instructions(cubin: bytes) -> list[int]:
              if target in address_of_label and address_of_label[target] <= end]
     innermost = [(start, end) for start, end in spans
                  if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in spans)]
-    counts = [sum(start <= a <= end for a in instructions) for start, end in innermost]
-    return sorted(counts, reverse=True)
+    counts = [sum(start <= a <= end for a in instructions) for start, end in sorted(innermost)]
+    return [count for count in counts if count > 1]
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -235,15 +237,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_report(results: list[dict]) -> str:
     """The compile report as a Markdown table, one row per (variant, arch)."""
-    lines = ["| kernel variant | arch | ok | registers | spill B | shared B | limit B | "
-             "tensor cores | main loop SASS |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel variant | arch | ok | hot | registers | spill B | shared B | limit B | "
+             "tensor cores | inner loops' SASS |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["name"], -r["arch"])):
-        loops = r.get("loop_instructions") or []
+        loops = " / ".join(map(str, r.get("loop_instructions") or [])) or "—"
         lines.append(f"| `{r['name']}` | sm_{r['arch']} | {'yes' if r['ok'] else 'NO'} | "
+                     f"{'yes' if r['hot'] else ''} | "
                      f"{r.get('registers', '—')} | {r.get('spill_bytes', '—')} | "
                      f"{r.get('shared', '—')} | {r['shared_limit']} | "
                      f"{'yes' if r.get('tensor_core') else ('—' if not r['uses_dot'] else 'NO')} | "
-                     f"{loops[0] if loops else '—'} |")
+                     f"{loops} |")
     return "\n".join(lines) + "\n"
 
 

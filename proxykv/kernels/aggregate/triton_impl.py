@@ -28,7 +28,12 @@ import triton
 import triton.language as tl
 
 from proxykv.kernels._compile import CompileSpec
-from proxykv.kernels._layout import leading_dims_as_rows, row_start
+from proxykv.kernels._layout import (
+    leading_dims_as_rows,
+    row_and_tile,
+    row_start,
+    rows_by_tiles_grid,
+)
 
 MAX_BLOCK_T = 1024
 MAX_GROUP_BLOCK = 8
@@ -92,8 +97,7 @@ def aggregate_scores_fwd_kernel(
 ):
     # POOL: 0 none, 1 max, 2 avg over the window's valid entries. STAT: 0 none, 1 sum|x|, 2 max|x|
     # (each with the tile's count of +inf entries).
-    row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
+    row, tile = row_and_tile(n_tiles)
     row_ptr = row_start(scores_ptr, row, rows_1, rows_2, stride_r0, stride_r1, stride_r2)
 
     positions = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -156,8 +160,7 @@ def normalize_scores_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_TILES: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1).to(tl.int64)
+    row, tile = row_and_tile(n_tiles)
     # Every tile of the row folds the row's partials itself: a few hundred bytes, cached, and it
     # saves a launch.
     folded = tl.zeros([BLOCK_TILES], tl.float32)
@@ -209,11 +212,8 @@ def combine_layers_fwd_kernel(
     BLOCK_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    # Tiles on axis 0 (no 65535 limit) so any length launches; neighbouring programs then read
-    # neighbouring tiles of the same rows.
-    tile = tl.program_id(0).to(tl.int64)
-    batch_head = tl.program_id(1).to(tl.int64)
-    out_block = tl.program_id(2).to(tl.int64)
+    batch_head, tile = row_and_tile(tl.cdiv(length, BLOCK_T))
+    out_block = tl.program_id(1).to(tl.int64)
     batch = batch_head // heads
     head = batch_head % heads
     positions = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -280,7 +280,7 @@ def _launch_aggregate(scores: torch.Tensor, group_size: int, group_mode: str,
         return out, statistics
     (_, rows_1, rows_2), (stride_r0, stride_r1, stride_r2) = leading_dims_as_rows(leaders)
     pooling = pool_kernel_size > 1
-    aggregate_scores_fwd_kernel[(n_rows, n_tiles)](
+    aggregate_scores_fwd_kernel[rows_by_tiles_grid(n_rows, n_tiles)](
         scores_ptr=scores,
         out_ptr=out if store_out else statistics.partials,
         partials_ptr=statistics.partials,
@@ -314,7 +314,7 @@ def _launch_normalize(src: torch.Tensor, out: torch.Tensor, statistics: _RowStat
     if n_rows == 0:
         return
     (_, rows_1, rows_2), (stride_r0, stride_r1, stride_r2) = leading_dims_as_rows(src)
-    normalize_scores_fwd_kernel[(n_rows, statistics.n_tiles)](
+    normalize_scores_fwd_kernel[rows_by_tiles_grid(n_rows, statistics.n_tiles)](
         src_ptr=src,
         out_ptr=out,
         partials_ptr=statistics.partials,
@@ -368,6 +368,14 @@ def _combine_blocks(length: int, layers_out: int) -> tuple[int, int]:
     return block_out, block_t
 
 
+def combine_grid(batch: int, heads: int, length: int, layers_out: int) -> tuple[int, int]:
+    """The launch grid of ``combine_layers_fwd_kernel``: (batch × head) rows of tiles on axis 0,
+    blocks of output layers on axis 1 (a model's depth at most, far below its 65,535)."""
+    block_out, block_t = _combine_blocks(length, layers_out)
+    return (*rows_by_tiles_grid(batch * heads, triton.cdiv(length, block_t)),
+            triton.cdiv(layers_out, block_out))
+
+
 def combine_layers_triton(scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     batch, layers_in, heads, length = scores.shape
     layers_out = weights.shape[0]
@@ -376,8 +384,7 @@ def combine_layers_triton(scores: torch.Tensor, weights: torch.Tensor) -> torch.
     if out.numel() == 0:
         return out
     block_out, block_t = _combine_blocks(length, layers_out)
-    grid = (triton.cdiv(length, block_t), batch * heads, triton.cdiv(layers_out, block_out))
-    combine_layers_fwd_kernel[grid](
+    combine_layers_fwd_kernel[combine_grid(batch, heads, length, layers_out)](
         scores_ptr=scores,
         weights_ptr=weights,
         out_ptr=out,

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from proxykv._backend import interpreter_enabled
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
+from proxykv.kernels._gpu import H100, PROGRAMS_PER_SM, gpu_limits
 
 LOG2E = 1.4426950408889634
 # the kernels' LSE is base 2; the API's is natural
@@ -200,8 +201,6 @@ class RaggedAttentionPlan:
     num_stages: int = 3
 
 
-# Enough busy programs to fill an H100/H200 (132 SMs) several times over at batch 1.
-GPU_TARGET_PROGRAMS = 4 * 132
 #: CUDA's limit on grid axis 1 (the splits)
 GRID_YZ_LIMIT = 65535
 # A split covers at least this many key tiles, so the partial outputs it writes and the merge
@@ -233,12 +232,13 @@ def block_m(query_rows: int, head_dim: int) -> int:
 
 def plan_ragged_attention(max_seq_len: int, num_segments: int, query_rows: int, head_dim: int,
                           dtype: torch.dtype, on_gpu: bool, keys_per_split: int | None = None,
-                          total_rows: int | None = None) -> RaggedAttentionPlan:
+                          total_rows: int | None = None,
+                          sm_count: int = H100.sm_count) -> RaggedAttentionPlan:
     """Split every segment into pieces of ``keys_per_split`` keys (uniform across segments).
 
     Chosen from the total work: the programs that have keys to read number about
     ``(total_rows / keys_per_split + segments) × query blocks``, which should reach the target
-    (a few waves of the GPU's SMs) — so a batch of short segments beside a long one, or a small
+    (a few waves of the GPU's ``sm_count`` SMs) — so a batch of short segments beside a long one, or a small
     batch, still fills the machine, where sizing from the longest segment alone left most SMs
     idle. ``total_rows`` (rows of K/V to read, at most; default ``max_seq_len × segments``) is
     known on the host. Splits past a segment's end exit at once. At most ``GRID_YZ_LIMIT``
@@ -247,7 +247,7 @@ def plan_ragged_attention(max_seq_len: int, num_segments: int, query_rows: int, 
     query_blocks = triton.cdiv(query_rows, rows_per_block)
     programs = num_segments * query_blocks
     if on_gpu:
-        (block_n, num_stages), target = gpu_tile(dtype), GPU_TARGET_PROGRAMS
+        (block_n, num_stages), target = gpu_tile(dtype), PROGRAMS_PER_SM * sm_count
         min_tiles = GPU_MIN_TILES_PER_SPLIT
     else:  # the interpreter: few, large programs are fastest; splits are still exercised
         block_n, num_stages, target, min_tiles = 32, 1, 4, 1
@@ -285,7 +285,8 @@ def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scal
     if plan is None:
         plan = plan_ragged_attention(max_seq_len, num_segments, query_rows, d, q.dtype,
                                      q.is_cuda and not interpreter_enabled(),
-                                     total_rows=total_rows)
+                                     total_rows=total_rows,
+                                     sm_count=gpu_limits(q.device).sm_count)
     out = torch.empty(b, h_q, num_new, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h_q, num_new, dtype=torch.float32, device=q.device) if return_lse \
         else out
@@ -376,8 +377,9 @@ def _compile_specs():
                             "DOT_IEEE": dtype == torch.float32},
                 num_warps=4, num_stages=num_stages,
                 unit_strides=("stride_qd", "stride_kd", "stride_vd"),
-                # fp32 takes the exact (IEEE) FMA path on purpose: no tensor cores.
-                uses_dot=dtype != torch.float32))
+                # fp32 takes the exact (IEEE) FMA path on purpose: no tensor cores, and it is not
+                # the path a GPU run takes (hot: must not spill).
+                uses_dot=dtype != torch.float32, hot=dtype != torch.float32))
         for head_dim in (64, 128, 256):
             specs.append(CompileSpec(
                 name=f"ragged_attention_merge_fwd_kernel[{dtype_name},D={head_dim}]",
@@ -389,7 +391,7 @@ def _compile_specs():
                 constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
                             "BLOCK_S": MERGE_BLOCK_S, "HAS_SEQ_LENS": True,
                             "RETURN_LSE": True},
-                num_warps=4))
+                num_warps=4, hot=True))
     return specs
 
 

@@ -13,11 +13,15 @@ each K tile — and one *split* of the keys. The launch plan chooses the number 
 
 Pass 2 — ``attention_scores_fwd_kernel``: *key-stationary*. A program loads one ``BLOCK_N`` tile of
 K once and streams every query of every head of its GQA group past it (like the dK/dV loop of a
-flash-attention backward), recomputing ``p = exp2(s - lse)`` tile by tile and reducing over queries
-in registers, then over the group's heads. Each key's score is therefore produced by exactly one
-program in a fixed order: results are deterministic and need neither atomics (``max``) nor
-per-query-block partial buffers plus a second reduction (sums). Under causal masking a key block
-starts its query loop at the first query that can see it.
+flash-attention backward), recomputing ``p = exp2(s - lse)`` tile by tile into a ``[BLOCK_M,
+BLOCK_N]`` accumulator that it reduces over rows once (per head only when the query and group
+reductions mix max and mean). Each key's score is therefore produced by exactly one program in a
+fixed order: results are deterministic and need neither atomics (``max``) nor per-query-block
+partial buffers plus a second reduction (sums). Under causal masking a key block starts its query
+loop at the first query that can see it, and only the tiles that straddle the diagonal are masked.
+
+The instruction counts of both inner loops, the launch plans and the throughput they imply are in
+docs/compile-report.md.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import triton.language as tl
 
 from proxykv._backend import interpreter_enabled
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
+from proxykv.kernels._gpu import H100, PROGRAMS_PER_SM, GpuLimits, gpu_limits
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -38,23 +43,37 @@ REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}
 
 
 @triton.jit
-def _load_q_tile(row_ptrs, row_ok, dims, stride_qd, HEAD_DIM: tl.constexpr):
-    """``[M, BLOCK_D]`` tile of queries whose rows start at ``row_ptrs`` (zeros where masked)."""
-    return tl.load(row_ptrs[:, None] + dims[None, :] * stride_qd,
-                   mask=row_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-
-
-@triton.jit
-def _scaled_logits(q, k_t, qk_scale2, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """Base-2 logits ``log2(e) * scale * q @ k^T`` of a ``[M, D]`` and a ``[D, N]`` tile."""
+def _logits(q, k_t, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """``q @ k^T`` of a ``[M, D]`` and a ``[D, N]`` tile, float32."""
     if UPCAST:
         q = q.to(tl.float32)
         k_t = k_t.to(tl.float32)
     if DOT_IEEE:
-        s = tl.dot(q, k_t, input_precision="ieee")
-    else:
-        s = tl.dot(q, k_t)
-    return s * qk_scale2
+        return tl.dot(q, k_t, input_precision="ieee")
+    return tl.dot(q, k_t)
+
+
+@triton.jit
+def _tile_rows(BLOCK: tl.constexpr, WIDE_TILE_OFFSETS: tl.constexpr):
+    """``0 .. BLOCK - 1``, the rows of a streamed tile. Their offsets from the tile's first row are
+    loop-invariant: in int32 they are computed once and each tile adds one 64-bit scalar base. The
+    launcher asks for int64 when ``(BLOCK - 1) * stride + (BLOCK_D - 1) * stride_d`` could reach
+    2**31."""
+    rows = tl.arange(0, BLOCK)
+    if WIDE_TILE_OFFSETS:
+        rows = rows.to(tl.int64)
+    return rows
+
+
+@triton.jit
+def _online_log2_sum_exp(row_max, row_sum, s, qk_scale2):
+    """Fold a ``[BLOCK_M, BLOCK_N]`` tile of logits into each row's running max and sum of
+    ``exp2(qk_scale2 * s - max)`` (``qk_scale2 > 0``: the max is taken before scaling, so the
+    exponent is one fused multiply-add)."""
+    new_max = tl.maximum(row_max, tl.max(s, axis=1) * qk_scale2)
+    row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(
+        tl.exp2(s * qk_scale2 - new_max[:, None]), axis=1)
+    return new_max, row_sum
 
 
 @triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "keys_per_split",
@@ -67,7 +86,7 @@ def attention_lse_fwd_kernel(
     H_kv, group_size, T_q, T_k, q_offset, keys_per_split, row_blocks, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    DOT_IEEE: tl.constexpr, WIDE_TILE_OFFSETS: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * row_blocks + row_block
     pid_bh = program // row_blocks
@@ -78,11 +97,14 @@ def attention_lse_fwd_kernel(
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < group_size * T_q
+    # Rows past the group's last re-read it: the loops need no row mask, and the store drops them.
+    rows = tl.minimum(rows, group_size * T_q - 1)
     queries = rows % T_q
     heads = kv_head * group_size + rows // T_q
     dims = tl.arange(0, BLOCK_D)
-    q = _load_q_tile(q_ptr + batch * stride_qb + heads * stride_qh + queries * stride_qt, row_ok,
-                     dims, stride_qd, HEAD_DIM)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load((q_ptr + batch * stride_qb + heads * stride_qh + queries * stride_qt)[:, None]
+                + dims[None, :] * stride_qd, mask=dim_ok[None, :], other=0.0)
     query_pos = q_offset + queries
 
     key_end = T_k
@@ -90,27 +112,32 @@ def attention_lse_fwd_kernel(
         key_end = tl.minimum(key_end, tl.load(valid_len_ptr + batch).to(tl.int64))
     split_start = split * keys_per_split
     split_end = tl.minimum(key_end, split_start + keys_per_split)
+    # Keys before seen_by_all are visible to every row: whole tiles of them take no mask.
+    seen_by_all = split_end
     if CAUSAL:
-        last_query_pos = tl.max(tl.where(row_ok, query_pos, 0), axis=0)
-        split_end = tl.minimum(split_end, last_query_pos + 1)
+        split_end = tl.minimum(split_end, tl.max(query_pos, axis=0) + 1)
+        seen_by_all = tl.minimum(split_end, tl.min(query_pos, axis=0) + 1)
+    interior_end = split_start + tl.maximum(seen_by_all - split_start, 0) // BLOCK_N * BLOCK_N
 
-    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
+    tile_keys = _tile_rows(BLOCK_N, WIDE_TILE_OFFSETS)
+    k_tile_offsets = tile_keys[None, :] * stride_kt + dims[:, None] * stride_kd  # [D, N]
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
-    for key_start in range(split_start, split_end, BLOCK_N):
-        keys = key_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < split_end
-        k_t = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None] * stride_kd,
-                      mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
-        s = _scaled_logits(q, k_t, qk_scale2, UPCAST, DOT_IEEE)
-        visible = row_ok[:, None] & key_ok[None, :]
+    for key_start in range(split_start, interior_end, BLOCK_N):
+        k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets, mask=dim_ok[:, None],
+                      other=0.0)
+        row_max, row_sum = _online_log2_sum_exp(row_max, row_sum,
+                                                _logits(q, k_t, UPCAST, DOT_IEEE), qk_scale2)
+    for key_start in range(interior_end, split_end, BLOCK_N):
+        key_ok = tile_keys < split_end - key_start
+        k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
+                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+        visible = key_ok[None, :]
         if CAUSAL:
-            visible = visible & (keys[None, :] <= query_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]),
-                                                                axis=1)
-        row_max = new_max
+            visible = visible & (tile_keys[None, :] <= (query_pos - key_start)[:, None])
+        s = tl.where(visible, _logits(q, k_t, UPCAST, DOT_IEEE), float("-inf"))
+        row_max, row_sum = _online_log2_sum_exp(row_max, row_sum, s, qk_scale2)
     # The keys a row sees form a prefix of every split (causal and valid-length masks), so its
     # first tile either shows it a key or it sees none at all. A row that sees none has computed
     # -inf - -inf = NaN above; NaN > 0 is false, so it gets lse = -inf here.
@@ -118,6 +145,42 @@ def attention_lse_fwd_kernel(
     lse2 = tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("-inf"))
     lse_offsets = (split * stride_ls + batch * stride_lb + heads * stride_lh + queries * stride_lt)
     tl.store(lse_ptr + lse_offsets, lse2 / _LOG2E, mask=row_ok)
+
+
+@triton.jit
+def _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q, q_tile_offsets, dim_ok,
+                           k_t, stride_qt, stride_lt, qk_scale2, BLOCK_M: tl.constexpr,
+                           UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """``log2`` of the probabilities ``[BLOCK_M, BLOCK_N]`` of queries ``query_start + i`` of one
+    head for the keys of ``k_t``; ``-inf`` for rows past ``T_q`` and rows that see no key."""
+    queries = query_start + tl.arange(0, BLOCK_M)
+    row_ok = queries < T_q
+    # int64 base: query_start * stride_qt passes 2**31 for a [B, T, H, D] cache at
+    # H_q * D = 16384, T_q = 128k.
+    q = tl.load(q_head_ptr + tl.cast(query_start, tl.int64) * stride_qt + q_tile_offsets,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    lse = tl.load(lse_head_ptr + queries.to(tl.int64) * stride_lt, mask=row_ok,
+                  other=float("-inf"))
+    # A row that sees no key (lse = -inf), or is past T_q, must contribute 0, not exp2(+inf).
+    lse2 = tl.where(lse != float("-inf"), lse * _LOG2E, float("inf"))
+    return _logits(q, k_t, UPCAST, DOT_IEEE) * qk_scale2 - lse2[:, None]
+
+
+@triton.jit
+def _accumulate(acc, log2_probs, REDUCE: tl.constexpr):
+    """Fold a tile into the ``[BLOCK_M, BLOCK_N]`` accumulator. ``max`` keeps the largest log2
+    probability and exponentiates once at the end (exp2 is monotonic), so its loop has no exp2."""
+    if REDUCE == 2:
+        return tl.maximum(acc, log2_probs)
+    return acc + tl.exp2(log2_probs)
+
+
+@triton.jit
+def _reduce_rows(acc, REDUCE: tl.constexpr):
+    """``[BLOCK_N]`` reduction over the rows of the accumulator: probabilities, not logs."""
+    if REDUCE == 2:
+        return tl.exp2(tl.max(acc, axis=0))
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "key_blocks"])
@@ -131,6 +194,7 @@ def attention_scores_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, REDUCE: tl.constexpr,
     GROUP_MAX: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+    WIDE_TILE_OFFSETS: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * key_blocks + key_block
     pid_bh = program // key_blocks
@@ -141,95 +205,199 @@ def attention_scores_fwd_kernel(
     key_end = T_k
     if HAS_VALID_LEN:
         key_end = tl.minimum(key_end, tl.load(valid_len_ptr + batch).to(tl.int64))
-    keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_start = key_block * BLOCK_N
+    keys = key_start + tl.arange(0, BLOCK_N)
     key_ok = keys < key_end
     dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
     k_t = tl.load(k_ptr + batch * stride_kb + kv_head * stride_kh + keys[None, :] * stride_kt
-                  + dims[:, None] * stride_kd,
-                  mask=key_ok[None, :] & (dims[:, None] < HEAD_DIM), other=0.0)
+                  + dims[:, None] * stride_kd, mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+    q_tile_offsets = (_tile_rows(BLOCK_M, WIDE_TILE_OFFSETS)[:, None] * stride_qt
+                      + dims[None, :] * stride_qd)
 
-    first_query = 0
+    # The loops have no key mask: a key past key_end only changes its own column, which the store
+    # overwrites with -inf. A block of such keys needs no query at all.
+    query_end = tl.where(key_start < key_end, T_q, 0)
+    diagonal_start = 0
+    interior_start = 0
     if CAUSAL:
-        first_query = tl.maximum(key_block * BLOCK_N - q_offset, 0)
-        first_query = (first_query // BLOCK_M) * BLOCK_M
-
-    group_acc = tl.zeros([BLOCK_N], tl.float32)
+        # Tiles before interior_start hold a query that does not see every key of the block and
+        # take the causal mask; from there on no tile is masked.
+        first_seeing = tl.maximum(key_start - q_offset, 0)
+        first_seeing_all = tl.maximum(key_start + BLOCK_N - 1 - q_offset, 0)
+        diagonal_start = (first_seeing // BLOCK_M * BLOCK_M).to(tl.int32)
+        interior_start = tl.minimum(tl.cdiv(first_seeing_all, BLOCK_M) * BLOCK_M,
+                                    query_end).to(tl.int32)
+    # The query and group reductions fold into one over every (head, query) row unless they differ
+    # in kind (a max of sums or a mean of maxima): then each head is reduced on its own.
+    PER_HEAD: tl.constexpr = GROUP_MAX != (REDUCE == 2)
+    empty = float("-inf") if REDUCE == 2 else 0.0
+    acc = tl.full([BLOCK_M, BLOCK_N], empty, tl.float32)
+    group_acc = tl.zeros([BLOCK_N], tl.float32)  # the heads so far, when reduced per head
     for member in range(0, group_size):
         head = kv_head * group_size + member
-        head_acc = tl.zeros([BLOCK_N], tl.float32)
-        for query_start in range(first_query, T_q, BLOCK_M):
-            # int64: without a causal mask the loop starts at a 32-bit 0, and queries *
-            # stride_qt passes 2**31 for a [B, T, H, D] cache at H_q * D = 16384, T_q = 128k.
-            queries = tl.arange(0, BLOCK_M).to(tl.int64) + query_start
-            row_ok = queries < T_q
-            q = _load_q_tile(q_ptr + batch * stride_qb + head * stride_qh + queries * stride_qt,
-                             row_ok, dims, stride_qd, HEAD_DIM)
-            lse = tl.load(lse_ptr + batch * stride_lb + head * stride_lh + queries * stride_lt,
-                          mask=row_ok, other=float("inf"))
-            # A row that sees no key (lse = -inf) must contribute 0, not exp2(+inf).
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            s = _scaled_logits(q, k_t, qk_scale2, UPCAST, DOT_IEEE)
-            visible = row_ok[:, None] & key_ok[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= (q_offset + queries)[:, None])
-            p = tl.exp2(tl.where(visible, s - lse2[:, None], float("-inf")))
-            if REDUCE == 2:
-                head_acc = tl.maximum(head_acc, tl.max(p, axis=0))
+        q_head_ptr = q_ptr + batch * stride_qb + head * stride_qh
+        lse_head_ptr = lse_ptr + batch * stride_lb + head * stride_lh
+        for query_start in range(diagonal_start, interior_start, BLOCK_M):
+            log2_probs = _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q,
+                                                q_tile_offsets, dim_ok, k_t, stride_qt, stride_lt,
+                                                qk_scale2, BLOCK_M, UPCAST, DOT_IEEE)
+            # In-tile int32 indices: key j is visible to query i iff j <= i + last_visible. (A
+            # [1, N] against an [M, 1] that moves with the loop: an [M, N] index difference would
+            # be hoisted out of the loops and hold BLOCK_M * BLOCK_N / threads registers.)
+            last_visible = (q_offset + query_start - key_start).to(tl.int32)
+            visible = (tl.arange(0, BLOCK_N)[None, :]
+                       <= (tl.arange(0, BLOCK_M) + last_visible)[:, None])
+            acc = _accumulate(acc, tl.where(visible, log2_probs, float("-inf")), REDUCE)
+        for query_start in range(interior_start, query_end, BLOCK_M):
+            log2_probs = _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q,
+                                                q_tile_offsets, dim_ok, k_t, stride_qt, stride_lt,
+                                                qk_scale2, BLOCK_M, UPCAST, DOT_IEEE)
+            acc = _accumulate(acc, log2_probs, REDUCE)
+        if PER_HEAD:
+            head_scores = _reduce_rows(acc, REDUCE)
+            if REDUCE == 0:
+                head_scores = head_scores / T_q
+            if GROUP_MAX:
+                group_acc = tl.maximum(group_acc, head_scores)
             else:
-                head_acc += tl.sum(p, axis=0)
+                group_acc += head_scores
+            acc = tl.full([BLOCK_M, BLOCK_N], empty, tl.float32)
+    if PER_HEAD:
+        if not GROUP_MAX:
+            group_acc = group_acc / group_size
+    else:
+        group_acc = _reduce_rows(acc, REDUCE)
         if REDUCE == 0:
-            head_acc = head_acc / T_q
-        if GROUP_MAX:
-            group_acc = tl.maximum(group_acc, head_acc)
-        else:
-            group_acc += head_acc
-    if not GROUP_MAX:
-        group_acc = group_acc / group_size
-    group_acc = tl.where(key_ok, group_acc, float("-inf"))
-    tl.store(out_ptr + batch * stride_ob + kv_head * stride_oh + keys, group_acc, mask=keys < T_k)
+            group_acc = group_acc / (T_q * group_size)
+        elif REDUCE == 1:
+            group_acc = group_acc / group_size
+    tl.store(out_ptr + batch * stride_ob + kv_head * stride_oh + keys,
+             tl.where(key_ok, group_acc, float("-inf")), mask=keys < T_k)
 
 
 # --------------------------------------------------------------------------------- launch plan
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """Tile sizes and key splits of one call. ``n_splits`` only affects pass 1."""
+    """Tile sizes, key splits and pipeline depths of one call: ``n_splits`` and ``num_stages``
+    are pass 1's, ``score_stages`` pass 2's."""
 
     block_m: int
     block_n: int
     n_splits: int
     num_warps: int = 4
     num_stages: int = 2
+    score_stages: int = 2
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) a GPU plan may use (perf/autotune_attention.py sweeps
-# them); each compiles for sm_80/sm_90 up to BLOCK_D = 256 (tests/test_compile.py).
-GPU_CONFIGS = [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps) of the GPU plans. fp16/bf16: 128-row tiles on 8 warps (two
+# warpgroups sharing each K or Q tile) for reconstruction-length queries, 64 x 64 on 4 warps for
+# an observation window (few rows; the keys are split instead). Pass 2 keeps two [BLOCK_M,
+# BLOCK_N] float32 tiles per program (the dot and the accumulator) plus the K tile: the narrower
+# tiles keep it from spilling where it needs more (D = 256; reductions that mix max and mean, whose
+# per-head epilogue holds extra values). fp32 runs an FMA (IEEE) dot that holds its operands in
+# registers: 16 x 16 is the largest tile whose pass 1 does not spill. Every choice is compiled and
+# checked for spills by tests/test_compile.py.
+LONG_QUERY_TILE = (128, 128, 8)
+LONG_QUERY_NARROW_TILE = (128, 64, 8)
+WINDOW_TILE = (64, 64, 4)
+WIDE_HEAD_PER_HEAD_TILE = (64, 64, 8)
+FP32_TILE = (16, 16, 4)
+#: queries above this many are reconstruction-length (the long-query tile)
+WINDOW_QUERIES = 128
+# Every tile a GPU plan may use; perf/autotune_attention.py sweeps them.
+GPU_TILES = [WINDOW_TILE, WIDE_HEAD_PER_HEAD_TILE, (64, 128, 4), LONG_QUERY_NARROW_TILE,
+             LONG_QUERY_TILE]
+MAX_STAGES = 3
+# A third stage of queries spills pass 2 at 128 x 128 (compile report).
+MAX_SCORE_STAGES = 2
 #: CUDA's limit on grid axes 1 and 2 (axis 0 takes up to 2**31 - 1 programs)
 GRID_YZ_LIMIT = 65535
-# Enough programs to keep every SM of an H100/H200 (132) busy several times over.
-TARGET_PROGRAMS = 4 * 132
 
 
-def _default_plan(batch: int, h_kv: int, group: int, t_q: int, t_k: int,
-                  on_gpu: bool) -> LaunchPlan:
+# Shared memory beyond the tiles: the scratch of reductions across warps (1 KiB at most in every
+# compiled variant; 64 x 64 on 8 warps needs it).
+REDUCTION_SCRATCH_BYTES = 4096
+
+
+def shared_memory_bytes(block_m: int, block_n: int, head_dim: int, itemsize: int, stages: int,
+                        score_stages: int) -> tuple[int, int]:
+    """Shared memory of (pass 1, pass 2): the tile a program keeps (Q in pass 1, K in pass 2) once,
+    the tile it streams once per pipeline stage, and reduction scratch. An upper bound:
+    ``tests/test_compile.py`` checks it against what the compiler allocates."""
+    row_bytes = _block_d(head_dim) * itemsize
+    return ((block_m + stages * block_n) * row_bytes + REDUCTION_SCRATCH_BYTES,
+            (block_n + score_stages * block_m) * row_bytes + REDUCTION_SCRATCH_BYTES)
+
+
+def _pipeline_depths(block_m: int, block_n: int, head_dim: int, itemsize: int,
+                     shared_memory: int, min_stages: int = 2) -> tuple[int, int] | None:
+    """The deepest ``(num_stages, score_stages)`` that fit in ``shared_memory``, each pass on its
+    own; None when either pass cannot have ``min_stages``."""
+    def deepest(pass_index: int, most: int) -> int:
+        return max((stages for stages in range(min_stages, most + 1)
+                    if shared_memory_bytes(block_m, block_n, head_dim, itemsize, stages,
+                                           stages)[pass_index] <= shared_memory), default=0)
+
+    stages, score_stages = deepest(0, MAX_STAGES), deepest(1, MAX_SCORE_STAGES)
+    return (stages, score_stages) if stages and score_stages else None
+
+
+def _preferred_tile(t_q: int, head_dim: int, itemsize: int,
+                    per_head: bool) -> tuple[int, int, int]:
+    if itemsize == 4:
+        return FP32_TILE
+    if head_dim > 128 and per_head:
+        return WIDE_HEAD_PER_HEAD_TILE
+    if t_q <= WINDOW_QUERIES:
+        return WINDOW_TILE
+    return LONG_QUERY_NARROW_TILE if head_dim > 128 or per_head else LONG_QUERY_TILE
+
+
+def gpu_tile_and_stages(t_q: int, head_dim: int, itemsize: int, *, per_head: bool = False,
+                        limits: GpuLimits = H100) -> tuple[tuple[int, int, int], int, int]:
+    """``((BLOCK_M, BLOCK_N, num_warps), num_stages, score_stages)`` of a GPU plan: the preferred
+    tile for the shape (``per_head``: the query and group reductions mix max and mean), or a
+    smaller one when the preferred one cannot be pipelined (two stages) in the device's shared
+    memory; each pass pipelined as deep as shared memory allows."""
+    preferred = _preferred_tile(t_q, head_dim, itemsize, per_head)
+    smaller = WINDOW_TILE if itemsize < 4 else FP32_TILE
+    # A smaller tile two stages deep before the preferred one unpipelined.
+    for min_stages, tile in dict.fromkeys([(2, preferred), (2, smaller), (1, preferred),
+                                           (1, smaller), (1, FP32_TILE)]):
+        depths = _pipeline_depths(tile[0], tile[1], head_dim, itemsize, limits.shared_memory,
+                                  min_stages)
+        if depths is not None:
+            return (tile, *depths)
+    raise ValueError(f"no attention_scores tile fits in {limits.shared_memory} bytes of shared "
+                     f"memory at head dim {head_dim}")
+
+
+def _default_plan(batch: int, h_kv: int, group: int, t_q: int, t_k: int, on_gpu: bool, *,
+                  head_dim: int = 128, itemsize: int = 2, per_head: bool = False,
+                  limits: GpuLimits = H100) -> LaunchPlan:
     if on_gpu:
-        block_m = 64
-        block_n = 128 if t_q > 128 else 64
-        num_warps = 4
+        (block_m, block_n, num_warps), stages, score_stages = gpu_tile_and_stages(
+            t_q, head_dim, itemsize, per_head=per_head, limits=limits)
+        target = PROGRAMS_PER_SM * limits.sm_count
     else:  # the interpreter: fewer, larger programs run faster; splits still exercised
-        block_m, block_n, num_warps = 32, 32, 4
+        (block_m, block_n, num_warps), stages, score_stages = (32, 32, 4), 2, 2
+        target = 4
     row_blocks = triton.cdiv(group * t_q, block_m)
     key_blocks = triton.cdiv(t_k, block_n)
-    wanted = math.ceil((TARGET_PROGRAMS if on_gpu else 4) / max(1, batch * h_kv * row_blocks))
-    return LaunchPlan(block_m, block_n, max(1, min(wanted, key_blocks)), num_warps)
+    wanted = math.ceil(target / max(1, batch * h_kv * row_blocks))
+    return LaunchPlan(block_m, block_n, max(1, min(wanted, key_blocks)), num_warps, stages,
+                      score_stages)
 
 
 def launch_grids(batch: int, h_kv: int, group: int, t_q: int, t_k: int, *,
-                 plan: LaunchPlan | None = None, on_gpu: bool = True):
+                 plan: LaunchPlan | None = None, on_gpu: bool = True, head_dim: int = 128,
+                 itemsize: int = 2):
     """``(pass-1 grid, pass-2 grid, keys_per_split)`` of a call (``plan`` default: the default
-    plan), computed without launching anything."""
-    plan = plan or _default_plan(batch, h_kv, group, t_q, t_k, on_gpu)
+    plan on an H100), computed without launching anything."""
+    plan = plan or _default_plan(batch, h_kv, group, t_q, t_k, on_gpu, head_dim=head_dim,
+                                 itemsize=itemsize)
     # The splits go on grid axis 1 (at most GRID_YZ_LIMIT): fewer, longer ones past that.
     wanted_keys = max(triton.cdiv(t_k, plan.n_splits), triton.cdiv(t_k, GRID_YZ_LIMIT))
     keys_per_split = triton.cdiv(wanted_keys, plan.block_n) * plan.block_n
@@ -272,6 +440,7 @@ def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: Launch
         qk_scale2=scale * LOG2E,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, **_flags(q.dtype),
+        WIDE_TILE_OFFSETS=_wide_tile_offsets(plan.block_n, k.stride(2), d, k.stride(3)),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return partial[0] if n_splits == 1 else torch.logsumexp(partial, dim=0)
@@ -281,13 +450,22 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _wide_tile_offsets(block: int, stride_t: int, head_dim: int, stride_d: int) -> bool:
+    """Whether the in-tile offsets of a streamed ``[block, BLOCK_D]`` tile can reach 2**31 and the
+    kernel must compute them in int64 (``_tile_rows``)."""
+    return (block - 1) * stride_t + (_block_d(head_dim) - 1) * stride_d >= 2 ** 31
+
+
 def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_reduce,
                             key_valid_len=None, lse=None, plan: LaunchPlan | None = None):
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
     if plan is None:
-        plan = _default_plan(b, h_kv, group, t_q, t_k, q.is_cuda and not interpreter_enabled())
+        plan = _default_plan(b, h_kv, group, t_q, t_k, q.is_cuda and not interpreter_enabled(),
+                             head_dim=d, itemsize=q.element_size(),
+                             per_head=(reduce == "max") != (group_reduce == "max"),
+                             limits=gpu_limits(q.device))
     if key_valid_len is not None:
         key_valid_len = key_valid_len.to(torch.int64)  # [B]: the kernels read int64
     if lse is None:
@@ -307,7 +485,8 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, REDUCE=REDUCE_CODES[reduce],
         GROUP_MAX=group_reduce == "max", **_flags(q.dtype),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        WIDE_TILE_OFFSETS=_wide_tile_offsets(plan.block_m, q.stride(2), d, q.stride(3)),
+        num_warps=plan.num_warps, num_stages=plan.score_stages,
     )
     return out
 
@@ -316,60 +495,87 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
 
 # (CAUSAL, HAS_VALID_LEN, REDUCE, GROUP_MAX): the masking/reduction branches of the kernels.
 _DEFAULT_FLAGS = (True, True, REDUCE_CODES["mean"], False)
-_OTHER_FLAGS = [(False, False, REDUCE_CODES["max"], True), (True, False, REDUCE_CODES["sum"], False)]
+_OTHER_FLAGS = [
+    (True, False, REDUCE_CODES["max"], True),  # KVzip reconstruction
+    (False, False, REDUCE_CODES["sum"], False),  # non-causal
+    (True, False, REDUCE_CODES["max"], False),  # a mean of maxima: reduced per head
+]
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+# One query length of each kind the plans tell apart: an observation window, a reconstruction.
+_PLAN_QUERY_LENGTHS = (WINDOW_QUERIES, 4 * WINDOW_QUERIES)
+_PLAN_HEAD_DIMS = {"bfloat16": (64, 80, 96, 128, 256), "float16": (128, 256),
+                   "float32": (128, 256)}
 
 
 def _compile_variants():
-    """(dtype, head_dim, config, flags) to compile: every config and dtype at D=128, the configs
-    the default plan picks at every other supported head dim, and every masking/reduction branch
-    once."""
-    plan_configs = [c for c in GPU_CONFIGS if c[0] == 64 and c[2] == 4]
-    for dtype in ("float16", "bfloat16", "float32"):
-        for config in GPU_CONFIGS:
-            yield dtype, 128, config, _DEFAULT_FLAGS
-    for head_dim in (64, 80, 96, 256):
-        for config in plan_configs:
-            yield "bfloat16", head_dim, config, _DEFAULT_FLAGS
+    """``(dtype, head_dim, tile, stages, score_stages, flags, hot)`` to compile: every plan the
+    launcher picks on an H100 (``hot``: it must not spill) — both query-length kinds at every
+    head dim in bf16 and at D = 128 and 256 in fp16 and fp32, each masking/reduction branch
+    at D = 128 and 256 in bf16 — and the other tiles the autotuner tries, at D = 128."""
+    def plan(dtype, head_dim, t_q, flags):
+        per_head = flags[3] != (flags[2] == REDUCE_CODES["max"])
+        return (dtype, head_dim, *gpu_tile_and_stages(t_q, head_dim, _ITEMSIZE[dtype],
+                                                      per_head=per_head), flags, True)
+
+    for dtype, head_dims in _PLAN_HEAD_DIMS.items():
+        for head_dim in head_dims:
+            for t_q in _PLAN_QUERY_LENGTHS:
+                yield plan(dtype, head_dim, t_q, _DEFAULT_FLAGS)
     for flags in _OTHER_FLAGS:
-        yield "bfloat16", 128, plan_configs[0], flags
+        for head_dim in (128, 256):
+            for t_q in _PLAN_QUERY_LENGTHS:
+                yield plan("bfloat16", head_dim, t_q, flags)
+    for tile in GPU_TILES:
+        stages = _pipeline_depths(*tile[:2], 128, 2, H100.shared_memory)
+        yield ("bfloat16", 128, tile, *stages, _DEFAULT_FLAGS, False)
 
 
 def _compile_specs():
+    """One spec per distinct variant of each kernel (pass 1 ignores the reductions)."""
     common_strides = {f"stride_{t}{a}": "i64" for t in "qk" for a in "bhtd"}
-    specs = []
-    for dtype, head_dim, config, flags in _compile_variants():
-        block_m, block_n, num_warps, num_stages = config
+    specs = {}
+    for dtype, head_dim, tile, stages, score_stages, flags, hot in _compile_variants():
+        block_m, block_n, num_warps = tile
         causal, has_valid_len, reduce_code, group_max = flags
         ptr = TRITON_POINTER_TYPES[dtype]
         tiles = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m,
                  "BLOCK_N": block_n, "UPCAST": False, "DOT_IEEE": dtype == "float32",
-                 "CAUSAL": causal, "HAS_VALID_LEN": has_valid_len}
+                 "WIDE_TILE_OFFSETS": False, "CAUSAL": causal, "HAS_VALID_LEN": has_valid_len}
         tag = f"{dtype},D={head_dim},M={block_m},N={block_n},w={num_warps}"
-        if flags != _DEFAULT_FLAGS:
-            tag += f",causal={causal},valid_len={has_valid_len},reduce={reduce_code}," \
-                   f"group_max={group_max}"
+        masks = "" if flags[:2] == _DEFAULT_FLAGS[:2] else \
+            f",causal={causal},valid_len={has_valid_len}"
+        reductions = "" if flags[2:] == _DEFAULT_FLAGS[2:] else \
+            f",reduce={reduce_code},group_max={group_max}"
+        lse_shared, scores_shared = shared_memory_bytes(block_m, block_n, head_dim,
+                                                        _ITEMSIZE[dtype], stages, score_stages)
         # fp32 runs its dot in IEEE precision (FMA, no tensor cores) to match the fp32 reference.
-        launch = dict(num_warps=num_warps, num_stages=num_stages, uses_dot=dtype != "float32",
+        launch = dict(num_warps=num_warps, uses_dot=dtype != "float32",
                       unit_strides=("stride_qd", "stride_kd"))
-        specs.append(CompileSpec(
-            name=f"attention_lse_fwd_kernel[{tag}]", kernel=attention_lse_fwd_kernel,
+        lse_spec = CompileSpec(
+            name=f"attention_lse_fwd_kernel[{tag}{masks},stages={stages}]",
+            kernel=attention_lse_fwd_kernel,
             signature={"q_ptr": ptr, "k_ptr": ptr, "valid_len_ptr": "*i64",
                        "lse_ptr": "*fp32", **common_strides,
                        **{f"stride_l{a}": "i64" for a in "sbht"},
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
                        "q_offset": "i32", "keys_per_split": "i32", "row_blocks": "i32",
                        "qk_scale2": "fp32"},
-            constexprs=tiles, **launch))
-        specs.append(CompileSpec(
-            name=f"attention_scores_fwd_kernel[{tag}]", kernel=attention_scores_fwd_kernel,
+            constexprs=tiles, num_stages=stages, shared_bound=lse_shared, hot=hot, **launch)
+        scores_spec = CompileSpec(
+            name=f"attention_scores_fwd_kernel[{tag}{masks}{reductions},stages={score_stages}]",
+            kernel=attention_scores_fwd_kernel,
             signature={"q_ptr": ptr, "k_ptr": ptr, "lse_ptr": "*fp32", "valid_len_ptr": "*i64",
                        "out_ptr": "*fp32", **common_strides,
                        **{f"stride_l{a}": "i64" for a in "bht"},
                        "stride_ob": "i64", "stride_oh": "i64",
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
                        "q_offset": "i32", "key_blocks": "i32", "qk_scale2": "fp32"},
-            constexprs={**tiles, "REDUCE": reduce_code, "GROUP_MAX": group_max}, **launch))
-    return specs
+            constexprs={**tiles, "REDUCE": reduce_code, "GROUP_MAX": group_max},
+            num_stages=score_stages, shared_bound=scores_shared, hot=hot, **launch)
+        for spec in (lse_spec, scores_spec):
+            if spec.name not in specs or spec.hot:
+                specs[spec.name] = spec
+    return list(specs.values())
 
 
 COMPILE_SPECS = _compile_specs()

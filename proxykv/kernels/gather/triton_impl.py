@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
+from proxykv.kernels._layout import row_and_tile, rows_by_tiles_grid
 
 # Bytes of one K (or V) tile a program moves per D step: enough in flight per SM to saturate HBM
 # on H100/H200 with 4 warps, small enough for registers (16 KiB of K and 16 KiB of V = 256 B per
@@ -57,8 +58,7 @@ def gather_kv_fwd_kernel(
     stride_ovb, stride_ovh, stride_ovn, stride_ovd,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    head_row = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1).to(tl.int64)
+    head_row, block = row_and_tile(tl.cdiv(num_selected, BLOCK_N))
     batch = head_row // num_kv_heads
     head = head_row % num_kv_heads
     entries = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,8 +76,9 @@ def gather_kv_fwd_kernel(
 def segment_of(cu_seqlens_ptr, entries, num_segments, search_steps):
     """For each packed entry, the last segment whose start is at or before it — the segment that
     holds it (empty segments share their start with the next one and are skipped).
-    ``search_steps`` = ``ceil(log2(num_segments))``."""
-    low = tl.zeros_like(entries)
+    ``search_steps`` = ``ceil(log2(num_segments))``. int32 (segments are ``B * H_kv``): int64
+    here made the caller's division by ``num_kv_heads`` a call that spilled around it."""
+    low = tl.zeros_like(entries).to(tl.int32)
     high = low + (num_segments - 1)
     for _ in range(search_steps):
         middle = (low + high + 1) // 2
@@ -103,8 +104,8 @@ def gather_kv_ragged_fwd_kernel(
     entry_ok = entries < total
     positions = tl.load(indices_ptr + entries * stride_in, mask=entry_ok, other=0).to(tl.int64)
     segments = segment_of(cu_seqlens_ptr, entries, num_segments, search_steps)
-    batch = segments // num_kv_heads
-    head = segments % num_kv_heads
+    batch = (segments // num_kv_heads).to(tl.int64)
+    head = (segments % num_kv_heads).to(tl.int64)
     out_rows = entries
     if HAS_OUT_CU:
         out_rows = (entries - tl.load(cu_seqlens_ptr + segments).to(tl.int64)
@@ -123,6 +124,11 @@ def tile_shape(head_dim: int, element_size: int) -> tuple[int, int]:
     return max(16, TILE_BYTES // (block_d * element_size)), block_d
 
 
+def gather_grid(batch: int, h_kv: int, n: int, block_n: int) -> tuple[int]:
+    """The launch grid of ``gather_kv_fwd_kernel``: (batch × KV head) rows of ``n`` entries."""
+    return rows_by_tiles_grid(batch * h_kv, triton.cdiv(n, block_n))
+
+
 def gather_kv_triton(k, v, indices, out, *, block_n: int | None = None,
                      num_warps: int = NUM_WARPS):
     """``block_n``/``num_warps`` override the tile for tuning sweeps (``perf/bench_gather.py``)."""
@@ -136,8 +142,7 @@ def gather_kv_triton(k, v, indices, out, *, block_n: int | None = None,
         return k_out, v_out
     default_n, block_d = tile_shape(d, k.element_size())
     block_n = block_n or default_n
-    grid = (b * h_kv, triton.cdiv(n, block_n))
-    gather_kv_fwd_kernel[grid](
+    gather_kv_fwd_kernel[gather_grid(b, h_kv, n, block_n)](
         k_ptr=k, v_ptr=v, indices_ptr=indices, k_out_ptr=k_out, v_out_ptr=v_out,
         num_kv_heads=h_kv, num_selected=n,
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kt=k.stride(2), stride_kd=k.stride(3),
@@ -203,7 +208,7 @@ def _compile_specs():
                            "num_kv_heads": "i32", "num_selected": "i32",
                            **strides("k", "bhtd"), **strides("v", "bhtd"), **strides("i", "bhn"),
                            **strides("ok", "bhnd"), **strides("ov", "bhnd")},
-                constexprs=tiles, num_warps=NUM_WARPS,
+                constexprs=tiles, num_warps=NUM_WARPS, hot=True,
                 unit_strides=("stride_kd", "stride_vd", "stride_okd", "stride_ovd")))
             for has_out_cu in (False, True):
                 specs.append(CompileSpec(
@@ -217,6 +222,10 @@ def _compile_specs():
                                **strides("k", "bhtd"), **strides("v", "bhtd"), "stride_in": "i64",
                                **strides("ok", "nd"), **strides("ov", "nd")},
                     constexprs={**tiles, "HAS_OUT_CU": has_out_cu}, num_warps=NUM_WARPS,
+                    # Without out_cu, ptxas saves one predicate word to the stack once per
+                    # program at 256-512 B rows (P2R + STL, 8 B, outside the copy): exempt from
+                    # the no-spill rule, as it costs nothing measurable.
+                    hot=has_out_cu,
                     unit_strides=("stride_kd", "stride_vd", "stride_okd", "stride_ovd")))
     return specs
 
