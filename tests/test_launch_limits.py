@@ -169,6 +169,8 @@ def test_reconstruction_plans_use_128_row_tiles_and_3_stages_on_an_h100():
 
     long = triton_impl._default_plan(1, 8, 4, 8192, 8192, True, head_dim=128)
     assert (long.block_m, long.block_n, long.num_warps, long.num_stages) == (128, 128, 8, 3)
+    mixed = triton_impl._default_plan(1, 8, 4, 8192, 8192, True, head_dim=128, per_head=True)
+    assert (mixed.block_m, mixed.block_n, mixed.num_warps) == (128, 64, 8)  # 128 x 128 spills
     window = triton_impl._default_plan(1, 8, 4, 64, 1 << 17, True, head_dim=128)
     assert (window.block_m, window.num_warps) == (64, 4)
     row_blocks = 8 * (4 * 64 // 64)  # KV heads x row blocks of the group's 256 rows

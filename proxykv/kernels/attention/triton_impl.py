@@ -27,6 +27,7 @@ docs/compile-report.md.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -575,7 +576,12 @@ def _compile_specs():
         for spec in (lse_spec, scores_spec):
             if spec.name not in specs or spec.hot:
                 specs[spec.name] = spec
-    return list(specs.values())
+    # The int64 in-tile offsets of a huge stride, once per kernel on the reconstruction plan.
+    long_tile = f"bfloat16,D=128,M={LONG_QUERY_TILE[0]},N={LONG_QUERY_TILE[1]}"
+    wide = [dataclasses.replace(spec, name=spec.name.replace("]", ",wide_offsets]"), hot=False,
+                                constexprs={**spec.constexprs, "WIDE_TILE_OFFSETS": True})
+            for spec in specs.values() if long_tile in spec.name and "causal" not in spec.name]
+    return [*specs.values(), *wide]
 
 
 COMPILE_SPECS = _compile_specs()
