@@ -26,8 +26,8 @@ docs/compile-report.md.
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
