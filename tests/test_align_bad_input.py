@@ -421,3 +421,22 @@ def test_missing_files_stay_file_not_found(saved):
     with pytest.raises(FileNotFoundError, match="no aligner config at "
                                                 + re.escape(str(saved / "config.json"))):
         read_config(saved)
+
+
+@pytest.mark.parametrize("proxy_shape, target_shape, message", [
+    ((2, 3, 2, 8), (2, 4, 2, 8), None),                 # the aligner's shapes: accepted
+    ((2, 2, 2, 8), (2, 4, 2, 8), "proxy_scores must have shape"),
+    ((2, 3, 2, 8), (2, 4, 3, 8), "target_scores must have shape"),
+    ((2, 3, 2, 8), (1, 4, 2, 8), "share B and T"),
+    ((2, 3, 2, 8), (2, 4, 2, 9), "share B and T"),
+    ((3, 2, 8), (2, 4, 2, 8), "proxy_scores"),
+])
+def test_closed_form_statistics_checks_its_inputs(proxy_shape, target_shape, message):
+    aligner = get_aligner("linear", PROXY, TARGET)
+    proxy, target = randn(*proxy_shape), randn(*target_shape, seed=1)
+    if message is None:
+        statistics = aligner.closed_form_statistics(proxy, target)
+        assert float(statistics["count"]) == 2 * 8
+        return
+    with pytest.raises(ValueError, match=message):
+        aligner.closed_form_statistics(proxy, target)

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from proxykv._validation import check_float
-from proxykv.align.base import NEG_INF, Aligner, kernel_impl, sample_statistics
+from proxykv._validation import check_float, check_same_device
+from proxykv.align.base import NEG_INF, Aligner, check_scores, kernel_impl, sample_statistics
 from proxykv.align.registry import register_aligner
 from proxykv.kernels import combine_layers
 
@@ -158,7 +158,20 @@ class LinearAligner(Aligner):
         """Sufficient statistics of the ridge fit for one batch (summable over batches): the Gram
         matrix of ``[z, 1]`` features, their cross products with the standardised teacher, and the
         number of tokens used (positions valid in every proxy and every target channel), float64.
+
+        ``proxy_scores [B, Lp, Hp, T]`` and ``target_scores [B, Lt, Ht, T]`` are log-scores of this
+        aligner's proxy and target shapes (float32/float64, ``-inf`` = invalid), on one device;
+        their values are not checked.
         """
+        proxy_scores = check_scores("proxy_scores", proxy_scores, self.proxy_shape, "proxy",
+                                    check_values=False)
+        target_scores = check_scores("target_scores", target_scores, self.target_shape,
+                                     "target", check_values=False)
+        if (proxy_scores.shape[0], proxy_scores.shape[-1]) != \
+                (target_scores.shape[0], target_scores.shape[-1]):
+            raise ValueError(f"proxy_scores and target_scores must share B and T, got shapes "
+                             f"{tuple(proxy_scores.shape)} and {tuple(target_scores.shape)}")
+        check_same_device(proxy_scores=proxy_scores, target_scores=target_scores)
         batch, length = proxy_scores.shape[0], proxy_scores.shape[-1]
         proxy = proxy_scores.reshape(batch, self.proxy_channels, length)
         target = target_scores.reshape(batch, self.target_channels, length)
