@@ -239,4 +239,11 @@ def test_plans_assume_an_h100_off_a_gpu():
     from proxykv.kernels._gpu import H100, gpu_limits
 
     assert gpu_limits(None) == gpu_limits(torch.device("cpu")) == H100
-    assert (H100.sm_count, H100.shared_memory) == (132, 232_448)
+
+
+def test_a_device_too_small_for_any_scoring_tile_is_refused():
+    from proxykv.kernels._gpu import GpuLimits
+    from proxykv.kernels.attention import triton_impl
+
+    with pytest.raises(ValueError, match="no attention_scores tile fits in 16384 bytes"):
+        triton_impl.gpu_tile_and_stages(4096, 256, 4, limits=GpuLimits(16, 16 * 1024))

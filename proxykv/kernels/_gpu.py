@@ -21,20 +21,22 @@ class GpuLimits:
     shared_memory: int
 
 
-H100 = GpuLimits(sm_count=132, shared_memory=227 * 1024)
+#: opt-in shared memory per block by compute capability (``major * 10 + minor``)
+SHARED_MEMORY_BY_ARCH = {90: 227 * 1024, 80: 163 * 1024, 87: 163 * 1024}
+_SMALLEST_SHARED_MEMORY = 99 * 1024  # sm_86/sm_89/sm_120
+H100 = GpuLimits(sm_count=132, shared_memory=SHARED_MEMORY_BY_ARCH[90])
 # Busy programs per SM that fill a GPU several times over at batch 1: the launch plans split work
 # until they have this many per SM.
 PROGRAMS_PER_SM = 4
-# Opt-in shared memory per block by compute capability, for a torch that does not report it.
-_SHARED_MEMORY_BY_ARCH = {(9, 0): 227 * 1024, (8, 0): 163 * 1024, (8, 7): 163 * 1024}
-_SMALLEST_SHARED_MEMORY = 99 * 1024  # sm_86/sm_89/sm_120
 
 
 @functools.lru_cache(maxsize=None)
 def _limits_of(index: int) -> GpuLimits:
     properties = torch.cuda.get_device_properties(index)
+    # The table covers a torch that does not report the opt-in limit.
     shared = getattr(properties, "shared_memory_per_block_optin", None) or \
-        _SHARED_MEMORY_BY_ARCH.get((properties.major, properties.minor), _SMALLEST_SHARED_MEMORY)
+        SHARED_MEMORY_BY_ARCH.get(10 * properties.major + properties.minor,
+                                  _SMALLEST_SHARED_MEMORY)
     return GpuLimits(sm_count=properties.multi_processor_count, shared_memory=int(shared))
 
 

@@ -30,8 +30,10 @@ import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 
-# Bytes of shared memory one block may use (opt-in maximum) per compute capability.
-SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+from proxykv.kernels._gpu import SHARED_MEMORY_BY_ARCH
+
+# The archs compiled for, with the bytes of shared memory one block may use (opt-in maximum).
+SHARED_MEMORY_LIMIT = {arch: SHARED_MEMORY_BY_ARCH[arch] for arch in (90, 80)}
 TENSOR_CORE_MARKER = {90: "wgmma", 80: "mma.sync"}
 
 

@@ -230,7 +230,7 @@ def attention_scores_fwd_kernel(
         interior_start = tl.minimum(tl.cdiv(first_seeing_all, BLOCK_M) * BLOCK_M,
                                     query_end).to(tl.int32)
     # The query and group reductions fold into one over every (head, query) row unless they differ
-    # in kind (a max of sums or a mean of maxima): then each head is reduced on its own.
+    # in kind (reduces_per_head, on the host): then each head is reduced on its own.
     PER_HEAD: tl.constexpr = GROUP_MAX != (REDUCE == 2)
     empty = float("-inf") if REDUCE == 2 else 0.0
     acc = tl.full([BLOCK_M, BLOCK_N], empty, tl.float32)
@@ -343,6 +343,12 @@ def _pipeline_depths(block_m: int, block_n: int, head_dim: int, itemsize: int,
 
     stages, score_stages = deepest(0, MAX_STAGES), deepest(1, MAX_SCORE_STAGES)
     return (stages, score_stages) if stages and score_stages else None
+
+
+def reduces_per_head(reduce_code: int, group_max: bool) -> bool:
+    """Whether pass 2 reduces each head on its own (``PER_HEAD`` in the kernel): the query and
+    group reductions differ in kind, a max of sums or a mean of maxima."""
+    return group_max != (reduce_code == REDUCE_CODES["max"])
 
 
 def _preferred_tile(t_q: int, head_dim: int, itemsize: int,
@@ -465,7 +471,8 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
     if plan is None:
         plan = _default_plan(b, h_kv, group, t_q, t_k, q.is_cuda and not interpreter_enabled(),
                              head_dim=d, itemsize=q.element_size(),
-                             per_head=(reduce == "max") != (group_reduce == "max"),
+                             per_head=reduces_per_head(REDUCE_CODES[reduce],
+                                                       group_reduce == "max"),
                              limits=gpu_limits(q.device))
     if key_valid_len is not None:
         key_valid_len = key_valid_len.to(torch.int64)  # [B]: the kernels read int64
@@ -514,7 +521,7 @@ def _compile_variants():
     head dim in bf16 and at D = 128 and 256 in fp16 and fp32, each masking/reduction branch
     at D = 128 and 256 in bf16 — and the other tiles the autotuner tries, at D = 128."""
     def plan(dtype, head_dim, t_q, flags):
-        per_head = flags[3] != (flags[2] == REDUCE_CODES["max"])
+        per_head = reduces_per_head(reduce_code=flags[2], group_max=flags[3])
         return (dtype, head_dim, *gpu_tile_and_stages(t_q, head_dim, _ITEMSIZE[dtype],
                                                       per_head=per_head), flags, True)
 
