@@ -218,10 +218,10 @@ def _methods(target, proxy, setup: PairSetup):
             keep_ratio=KEEP_RATIO)),
         ("proxykv_concurrent", lambda: ProxyKV(target, proxy, scorer=reconstruction(),
                                                policy="head_budget", keep_ratio=KEEP_RATIO,
-                                               concurrent=True)),
+                                               aligner="depth_interp", concurrent=True)),
         ("proxykv_sequential", lambda: ProxyKV(target, proxy, scorer=reconstruction(),
                                                policy="head_budget", keep_ratio=KEEP_RATIO,
-                                               concurrent=False)),
+                                               aligner="depth_interp", concurrent=False)),
     ]
 
 

@@ -32,3 +32,19 @@ __all__ = [
     "normalize_scores", "policies", "pool_scores", "ragged_attention", "ragged_decode_attention",
     "reduce_heads",
 ]
+
+#: names served from the transformers integration on first use, so that ``import proxykv`` stays
+#: free of transformers (``proxykv.ProxyKV`` is ``proxykv.hf.ProxyKV``)
+_FROM_HF = ("ProxyKV", "CompressedCache")
+
+
+def __getattr__(name: str):
+    if name in _FROM_HF:
+        from proxykv import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'proxykv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FROM_HF])

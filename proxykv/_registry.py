@@ -42,6 +42,14 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def takes(self, name: str, parameter: str) -> bool:
+        """Whether the factory registered as ``name`` takes the keyword ``parameter`` (True for a
+        factory with ``**kwargs``; False for an unknown name)."""
+        if name not in self._factories:
+            return False
+        accepted = keyword_parameters(self._factories[name])
+        return accepted is None or parameter in accepted
+
     def build(self, name: str, **params) -> Any:
         """``factory(**params)``; ``ValueError`` for an unknown name (listing the registered ones),
         ``TypeError`` for a parameter the factory does not take or a required one missing."""

@@ -1,12 +1,16 @@
 """The ``proxykv`` command line: a thin shell over library functions that tests call directly.
 
 Bad arguments end in one line on stderr and exit code 2 (argparse's convention), never a
-traceback.
+traceback: every numeric flag is range-checked when the command line is parsed (the argparse
+types below), and every folder and file a command reads or writes is checked before it loads a
+model (docs/bad-input.md, "Command line"). transformers' own progress bars and logs are silenced
+unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 DESCRIPTION = ("proxykv: Triton kernels and policies for cross-model proxy KV-cache pruning. "
@@ -22,6 +26,85 @@ class _Parser(argparse.ArgumentParser):
 
 class UsageError(Exception):
     """A command-line argument that cannot be used here; reported as ``proxykv: error: ...``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse types: every numeric flag is range-checked at parse time (one line, exit code 2)
+
+SEED_LIMIT = 2**63
+#: the shortest context the zoo's evaluation tasks fit in: 16 key-value pairs of 2 tokens each
+#: (multikey, multiquery; vartrack's 4 chains of at most 3 assignments need 24)
+MIN_EVAL_LENGTH = 32
+
+
+def _int_in(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in ``[minimum, maximum)`` (``maximum`` None: no bound)."""
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    elif maximum == SEED_LIMIT:
+        wanted = f"an integer in [{minimum}, 2**63)"
+    else:
+        wanted = f"an integer in [{minimum}, {maximum})"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value >= maximum):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    parse.__name__ = wanted
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, high_inclusive: bool = True):
+    """An argparse type: a finite number ``> low`` and ``<= high`` (``< high`` unless
+    ``high_inclusive``; ``high`` None: no upper bound). NaN and infinities are refused."""
+    if high is None:
+        wanted = f"a finite number > {low:g}"
+    else:
+        wanted = f"a number in ({low:g}, {high:g}{']' if high_inclusive else ')'}"
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if not math.isfinite(value) or value <= low or (
+                high is not None and (value > high or (value == high and not high_inclusive))):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = wanted
+    return parse
+
+
+def _one_of(names, what: str):
+    """An argparse type: one of ``names`` (an unknown one is named with the choices)."""
+    names = tuple(names)
+
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown {text}; choose a {what} from "
+                                             f"{', '.join(names)}")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_in(1)
+_nonnegative_int = _int_in(0)
+_seed = _int_in(0, SEED_LIMIT)
+_positive_float = _float_in(0.0)
+_keep_ratio = _float_in(0.0, 1.0)                       # (0, 1]
+_compressed_ratio = _float_in(0.0, 1.0, high_inclusive=False)  # (0, 1): 1 is the full cache
+_val_fraction = _float_in(0.0, 0.5)                     # (0, 0.5]: at least half trains
+_eval_length = _int_in(MIN_EVAL_LENGTH)
 
 
 def _device(text: str):
@@ -84,23 +167,89 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_pair(args: argparse.Namespace):
-    """The target and proxy checkpoints of ``--target``/``--proxy`` and the target's tokenizer."""
+# ---------------------------------------------------------------------------------------------
+# checks of folders and files: all of them run before any model is loaded
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _need_transformers(what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError(f"{what} needs transformers: pip install 'proxykv[hf]'")
+
+
+def _model_folder(label: str, path, *, tokenizer: bool = False) -> dict:
+    """The config (a dict) of the model folder ``path`` given as ``label``; with ``tokenizer``,
+    the folder must also hold a tokenizer (one of ``proxykv.hf.tokenizers._FILES``)."""
+    import json
     from pathlib import Path
 
-    for flag in ("target", "proxy"):
-        path = Path(getattr(args, flag))
-        if not (path / "config.json").is_file():
-            raise UsageError(f"--{flag} {path}: not a model folder (no config.json)")
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{label} {path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{label} {path}: not a model folder (no config.json)")
     try:
-        from transformers import AutoModelForCausalLM
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UsageError(f"{label} {path}: config.json is not readable JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{label} {path}: config.json does not hold a JSON object")
+    if tokenizer:
+        from proxykv.hf.tokenizers import _FILES
 
-        from proxykv.hf.tokenizers import load_tokenizer
-    except ImportError:
-        raise UsageError("this command needs transformers: pip install 'proxykv[hf]'") from None
-    target = AutoModelForCausalLM.from_pretrained(args.target).to(args.device).eval()
-    proxy = AutoModelForCausalLM.from_pretrained(args.proxy).to(args.device).eval()
-    return target, proxy, load_tokenizer(args.target)
+        if not any((path / name).is_file() for name in _FILES):
+            raise UsageError(f"{label} {path}: holds no tokenizer (none of {', '.join(_FILES)}); "
+                             f"the tasks are given as text")
+    return config
+
+
+def _model_shape(config: dict) -> tuple[int, int] | None:
+    """(layers, KV heads) of a model's config.json, as ProxyKV counts them; None if unknown."""
+    try:
+        return (int(config["num_hidden_layers"]),
+                int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _creatable(flag: str, path, *, folder: bool):
+    """``path`` (a Path) if the command can create or replace it: a folder (``folder``) or a
+    file, whose missing parent folders are created when it is written."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{flag} {path}: exists and is not a {kind}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable (permission denied)")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: cannot create this {kind}: {existing} is a file, not a "
+                         f"folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot create this {kind}: {existing} is not writable")
+    return path
+
+
+def _write(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _no_repeats(flag: str, values) -> None:
+    repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if repeated:
+        raise UsageError(f"{flag}: {', '.join(repeated)} given more than once")
 
 
 def _read_prompts(path) -> list[str]:
@@ -109,64 +258,132 @@ def _read_prompts(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--prompts {path}: no such file")
-    prompts = [line.replace("\\n", "\n") for line in path.read_text().splitlines()
-               if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--prompts {path}: not readable as text ({error})") from None
+    prompts = [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"--prompts {path}: no prompt in it (one per line)")
     return prompts
 
 
+@contextlib.contextmanager
+def _transformers_output(verbose: bool):
+    """transformers' progress bars ("Loading weights") and its info and warning logs: silenced
+    inside unless ``verbose``, and restored as they were afterwards."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(flag: str, path, device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+    except (OSError, ValueError, KeyError) as error:
+        raise UsageError(f"{flag} {path}: cannot load the model ({_first_line(error)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
 def _align_train(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     _require_available(args.device)
-    from proxykv.align import available_aligners, fit_aligner, get_aligner
-
-    if args.aligner not in available_aligners():
-        raise UsageError(f"--aligner {args.aligner!r}: choose one of "
-                         f"{', '.join(available_aligners())}")
+    _need_transformers("align-train")
     prompts = _read_prompts(args.prompts)
-    target, proxy, tokenizer = _load_pair(args)
-    from proxykv.hf.teacher import TeacherData, record_teacher_scores
+    target_shape = _model_shape(_model_folder("--target", args.target))
+    proxy_shape = _model_shape(_model_folder("--proxy", args.proxy))
+    out = _creatable("--out", args.out, folder=True)
+    data_dir = _creatable("--data", args.data, folder=True) if args.data else out / "teacher"
+    if len(prompts) < 2:
+        raise UsageError(f"--prompts {args.prompts}: need at least 2 prompts (one is held out), "
+                         f"got {len(prompts)}")
+    from proxykv.align import fit_aligner, get_aligner
 
-    if tokenizer is None:  # a checkpoint without a tokenizer: lines of token ids
+    def build_aligner(proxy_shape, target_shape):
         try:
-            prompts = [[int(word) for word in line.split()] for line in prompts]
-        except ValueError:
-            raise UsageError(f"--target {args.target} has no tokenizer, so each line of "
-                             f"--prompts must be token ids separated by spaces") from None
-    repeat_prompt = None
-    if args.repeat_prompt is not None:
-        if tokenizer is not None:
-            repeat_prompt = tokenizer(args.repeat_prompt, add_special_tokens=False)["input_ids"]
-        else:
-            try:
-                repeat_prompt = [int(word) for word in args.repeat_prompt.split()]
-            except ValueError:
-                raise UsageError(f"--repeat-prompt: --target {args.target} has no tokenizer, so "
-                                 f"give token ids separated by spaces") from None
+            return get_aligner(args.aligner, proxy_shape, target_shape)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--aligner {args.aligner}: {error}") from None
+
+    if target_shape is not None and proxy_shape is not None:
+        build_aligner(proxy_shape, target_shape)  # one that cannot map these models: say so now
     from proxykv.hf import get_scorer
+    from proxykv.hf.teacher import TeacherData, record_teacher_scores
+    from proxykv.hf.tokenizers import load_tokenizer
 
-    scorer = get_scorer("reconstruction", repeat_prompt=repeat_prompt, tokenizer=tokenizer)
-    out = Path(args.out)
-    data_dir = Path(args.data) if args.data else out / "teacher"
-    try:
-        record_teacher_scores(target, proxy, prompts, data_dir, tokenizer=tokenizer,
-                              teacher_scorer=scorer, max_length=args.max_length)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    data = TeacherData(data_dir)
-    if len(data) < 2:
-        raise UsageError(f"--prompts: need at least 2 prompts (one is held out), got {len(data)}")
-    train, held_out = data.split(max(2, round(1 / args.val_fraction)))
-    import torch
+    with _transformers_output(args.verbose):
+        try:
+            tokenizer = load_tokenizer(args.target)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--target {args.target}: cannot load its tokenizer "
+                             f"({_first_line(error)})") from None
+        if tokenizer is None:  # a checkpoint without a tokenizer: lines of token ids
+            try:
+                prompts = [[int(word) for word in line.split()] for line in prompts]
+            except ValueError:
+                raise UsageError(f"--target {args.target} has no tokenizer, so each line of "
+                                 f"--prompts must be token ids separated by spaces") from None
+        repeat_prompt = None
+        if args.repeat_prompt is not None:
+            if tokenizer is not None:
+                repeat_prompt = tokenizer(args.repeat_prompt,
+                                          add_special_tokens=False)["input_ids"]
+            else:
+                try:
+                    repeat_prompt = [int(word) for word in args.repeat_prompt.split()]
+                except ValueError:
+                    raise UsageError(f"--repeat-prompt: --target {args.target} has no tokenizer, "
+                                     f"so give token ids separated by spaces") from None
+        try:
+            scorer = get_scorer("reconstruction", repeat_prompt=repeat_prompt,
+                                tokenizer=tokenizer)
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--repeat-prompt: {error}") from None
+        target = _load_model("--target", args.target, args.device)
+        proxy = _load_model("--proxy", args.proxy, args.device)
+        try:
+            record_teacher_scores(target, proxy, prompts, data_dir, tokenizer=tokenizer,
+                                  teacher_scorer=scorer, max_length=args.max_length)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        data = TeacherData(data_dir)
+        if len(data) < 2:
+            raise UsageError(f"--prompts: need at least 2 prompts (one is held out), got "
+                             f"{len(data)}")
+        # every round(1/F)-th sample held out (at least one, at most half)
+        every = max(2, round(1 / args.val_fraction)) if args.val_fraction * len(data) >= 1 \
+            else len(data)
+        train, held_out = data.split(every)
+        import torch
 
-    torch.manual_seed(args.seed)  # the aligner's initial weights: reproducible from --seed
-    aligner = get_aligner(args.aligner, data.proxy_shape, data.target_shape).to(args.device)
-    result = fit_aligner(aligner, train, val_data=held_out, epochs=args.epochs,
-                         max_seconds=args.max_seconds, seed=args.seed)
-    aligner.save(out, metadata={"command": "proxykv " + " ".join(args.argv),
+        torch.manual_seed(args.seed)  # the aligner's initial weights: reproducible from --seed
+        aligner = build_aligner(data.proxy_shape, data.target_shape).to(args.device)
+        try:
+            result = fit_aligner(aligner, train, val_data=held_out, epochs=args.epochs,
+                                 max_seconds=args.max_seconds, seed=args.seed)
+        except ValueError as error:  # data the fit cannot use, said before any step
+            raise UsageError(f"{data_dir}: {error}") from None
+    # the pair's identity: ProxyKV warns when the aligner is loaded for another pair
+    pair = {key: data.meta[key] for key in ("target_fingerprint", "proxy_fingerprint")
+            if key in data.meta}
+    aligner.save(out, metadata={"command": "proxykv " + " ".join(args.argv), **pair,
                                 "samples": len(data), "held_out": len(held_out),
                                 "method": result.method, "epochs": result.epochs,
                                 "seconds": round(result.seconds, 1), "metrics": result.metrics})
@@ -177,81 +394,203 @@ def _align_train(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     _require_available(args.device)
+    _need_transformers("the demo")
     try:
         from proxykv.zoo.demo import run_demo
     except ImportError as error:
         raise UsageError(f"the demo needs the hf extra ({error}): pip install 'proxykv[hf]'") \
             from None
-    run_demo(keep_ratio=args.keep_ratio, device=args.device)
+    with _transformers_output(args.verbose):
+        run_demo(keep_ratio=args.keep_ratio, device=args.device)
     return 0
 
 
+#: positions a question and its answer (and the decode timing) take after the context
+_QUESTION_ROOM = 32
+_ALIGNER_HINT = "--aligner DIR; proxykv align-train makes one"
+
+
+def _eval_methods(requested, kinds) -> tuple[tuple[str, ...], str | None]:
+    """The methods ``eval`` runs given ``--methods`` (None: every one it can) and the kinds of
+    trained aligner at hand, and a note naming the methods left out and why (or None)."""
+    from proxykv.zoo.evaluate import METHODS, TRAINED_ALIGNERS
+
+    def lacking(name: str) -> bool:
+        kind = METHODS[name].aligner
+        return kind in TRAINED_ALIGNERS and kind not in kinds
+
+    if requested:
+        _no_repeats("--methods", requested)
+        unable = [name for name in requested if lacking(name)]
+        if unable:
+            need = " and a ".join(k for k in TRAINED_ALIGNERS
+                                  if any(METHODS[m].aligner == k for m in unable))
+            raise UsageError(f"--methods {' '.join(unable)}: needs a trained {need} aligner "
+                             f"({_ALIGNER_HINT})")
+        return tuple(requested), None
+    methods = tuple(name for name in METHODS if not lacking(name))
+    left_out = [name for name in METHODS if lacking(name)]
+    if not left_out:
+        return methods, None
+    missing = " or ".join(k for k in TRAINED_ALIGNERS if k not in kinds)
+    why = "no trained aligner given" if not kinds else f"no trained {missing} aligner given"
+    return methods, f"leaving out {', '.join(left_out)}: {why} ({_ALIGNER_HINT})"
+
+
+def _check_eval_length(length: int, methods, keep_ratios, configs) -> None:
+    """``--length`` against the models' positions and every method's budget at every ratio."""
+    from proxykv.zoo.evaluate import METHODS
+
+    limits = [c.get("max_position_embeddings") for c in configs]
+    limits = [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+    if limits:
+        positions = min(limits)
+        if any(METHODS[name].scorer == "reconstruction" for name in methods):
+            most = (positions - 1) // 2
+            why = ("the reconstruction scorer (kvzip, proxykv_*) runs the context twice after a "
+                   "repeat prompt")
+        else:
+            most, why = positions - _QUESTION_ROOM, \
+                f"a question and its answer take up to {_QUESTION_ROOM} more"
+        if length > most:
+            raise UsageError(f"--length {length}: the models take {positions} positions "
+                             f"(max_position_embeddings) and {why}, so --length can be at most "
+                             f"{max(most, 0)}")
+    import torch
+
+    from proxykv.policies import get_policy
+
+    scores = torch.zeros(1, 1, 1, length)
+    for name in methods:
+        method = METHODS[name]
+        if method.keep_everything:
+            continue
+        policy = get_policy(method.policy, **method.policy_params)
+        for ratio in keep_ratios:
+            try:
+                policy.select(scores, keep_ratio=ratio)
+            except ValueError as error:
+                raise UsageError(f"--length {length} at keep ratio {ratio:g}: {name} cannot "
+                                 f"select ({error}); give a longer --length, larger "
+                                 f"--keep-ratios or other --methods") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
+    import importlib.util
     import json
     import shlex
     from pathlib import Path
 
     _require_available(args.device)
+    _need_transformers("eval")
+    from proxykv.align import read_config
+    from proxykv.zoo import WEIGHTS_DIR, weights_path
     from proxykv.zoo.evaluate import (
         KEEP_RATIOS,
-        METHODS,
         TRAINED_ALIGNERS,
         EvalConfig,
+        aligner_folders,
         load_pair,
         markdown_table,
         plot,
         run_eval,
-        summary,
     )
 
-    unknown = [m for m in args.methods or [] if m not in METHODS]
-    if unknown:
-        raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from "
-                         f"{', '.join(METHODS)}")
-    for flag in ("target", "proxy", "aligner", "linear_aligner"):
+    # the pair: both folders of one's own, or neither (the zoo's)
+    for flag in ("target", "proxy"):
         value = getattr(args, flag)
         if value is not None and not Path(value).is_dir():
-            raise UsageError(f"--{flag.replace('_', '-')} {value}: no such folder")
-    aligner_paths = None
-    if args.aligner is not None or args.linear_aligner is not None or args.target is not None:
-        aligner_paths = {"axial": args.aligner, "linear": args.linear_aligner}
-    target, proxy, tokenizer, aligners = load_pair(args.target, args.proxy, aligner_paths,
-                                                   args.device)
-    methods = tuple(args.methods or [m for m in METHODS if METHODS[m].aligner is None
-                                     or METHODS[m].aligner not in TRAINED_ALIGNERS
-                                     or METHODS[m].aligner in aligners])
-    config = EvalConfig(n=args.n or (4 if args.quick else 32), length=args.length,
-                        seed=args.seed, methods=methods,
-                        keep_ratios=tuple(args.keep_ratios or
-                                          ((0.1, 0.3) if args.quick else KEEP_RATIOS)))
+            raise UsageError(f"--{flag} {value}: no such folder")
+    if (args.target is None) != (args.proxy is None):
+        given, missing = ("--target", "--proxy") if args.proxy is None else ("--proxy", "--target")
+        raise UsageError(f"{given} needs {missing} too: give both folders of a pair (or neither, "
+                         f"for the zoo's)")
+    zoo = args.target is None
+    configs = {}
+    for name in ("target", "proxy"):
+        folder, label = (weights_path(name), f"zoo {name}") if zoo else \
+            (Path(getattr(args, name)), f"--{name}")
+        configs[name] = _model_folder(label, folder, tokenizer=True)
+
+    # the trained aligners, each labelled by its own config
+    given = [("--aligner", folder) for folder in args.aligner or []]
+    if args.linear_aligner is not None:
+        print("proxykv eval: --linear-aligner is deprecated: use --aligner DIR (every folder is "
+              "labelled by the aligner its config.json names)", file=sys.stderr)
+        given.append(("--linear-aligner", args.linear_aligner))
+    for flag, folder in given:
+        if not Path(folder).is_dir():
+            raise UsageError(f"{flag} {folder}: no such folder")
+    folders = [folder for _, folder in given]
+    if not given and zoo:
+        folders = [WEIGHTS_DIR / f"aligner_{kind}" for kind in TRAINED_ALIGNERS
+                   if (WEIGHTS_DIR / f"aligner_{kind}").is_dir()]
     try:
-        records = run_eval(target, proxy, tokenizer, aligners, config)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+        aligners = aligner_folders(folders)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--aligner: {error}") from None
+    shapes = (_model_shape(configs["proxy"]), _model_shape(configs["target"]))
+    for kind, folder in aligners.items():
+        config = read_config(folder)
+        saved = (tuple(config["proxy_shape"]), tuple(config["target_shape"]))
+        if None not in shapes and saved != shapes:
+            raise UsageError(f"--aligner {folder}: this {kind} aligner maps (layers, KV heads) "
+                             f"{saved[0]} -> {saved[1]}, but the proxy has {shapes[0]} and the "
+                             f"target {shapes[1]}")
+
+    # what to run, and whether it fits
+    methods, note = _eval_methods(args.methods, set(aligners))
+    keep_ratios = tuple(args.keep_ratios or ((0.1, 0.3) if args.quick else KEEP_RATIOS))
+    _no_repeats("--keep-ratios", keep_ratios)
+    _check_eval_length(args.length, methods, keep_ratios, configs.values())
+    outputs = {flag: _creatable(f"--{flag}", getattr(args, flag), folder=False)
+               for flag in ("json", "markdown", "plot") if getattr(args, flag)}
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'proxykv[eval]'")
+    if note:
+        print(f"proxykv eval: {note}", file=sys.stderr)
+    config = EvalConfig(n=args.n or (4 if args.quick else 32), length=args.length,
+                        seed=args.seed, methods=methods, keep_ratios=keep_ratios)
+    with _transformers_output(args.verbose):
+        try:
+            target, proxy, tokenizer, loaded = load_pair(args.target, args.proxy,
+                                                         list(aligners.values()), args.device)
+        except (OSError, ValueError) as error:
+            raise UsageError(_first_line(error)) from None
+        try:
+            records = run_eval(target, proxy, tokenizer, loaded, config)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     command = "proxykv " + " ".join(shlex.quote(a) for a in args.argv)
-    table = markdown_table(records, command)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    if args.plot:
-        plot(records, args.plot)
-    print(json.dumps(summary(records)))
+    table = markdown_table(records, command)  # ends with the summary (one JSON line)
+    print(table, end="")
+    if "json" in outputs:
+        _write(outputs["json"], json.dumps(records, indent=1))
+    if "markdown" in outputs:
+        _write(outputs["markdown"], table)
+    if "plot" in outputs:
+        outputs["plot"].parent.mkdir(parents=True, exist_ok=True)
+        plot(records, outputs["plot"])
     return 0
 
 
 def _zoo_train(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
+    from proxykv.zoo import MODELS
+
+    _need_transformers("zoo train")
+    out = _creatable("--out", args.out, folder=True)
+    _no_repeats("--models", args.models)
+    if args.aligners:
+        for name in MODELS:
+            if name not in args.models and not (out / name / "config.json").is_file():
+                raise UsageError(f"--models {' '.join(args.models)}: the aligners need both "
+                                 f"models in OUT, and {out / name} holds no trained {name}; add "
+                                 f"{name} to --models or pass --no-aligners")
     from proxykv.zoo.aligners import train_aligners
-    from proxykv.zoo.train import SCHEDULES, scaled_schedule, train
+    from proxykv.zoo.train import scaled_schedule, train
 
-    out = Path(args.out)
-    for name in args.models:
-        if name not in SCHEDULES:
-            raise UsageError(f"--models: unknown {name!r}; choose from {', '.join(SCHEDULES)}")
     results = {}
     for name in args.models:
         info = train(out / name, name, args.seed, scaled_schedule(name, args.steps_scale),
@@ -266,12 +605,17 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from proxykv import __version__
+    from proxykv.align import available_aligners
+    from proxykv.zoo import MODELS
+    from proxykv.zoo.evaluate import KEEP_RATIOS, METHODS
 
     parser = _Parser(prog="proxykv", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"proxykv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      title="commands")
     device_help = "cpu, cuda or cuda:N (default: %(default)s)"
+    verbose_help = ("show transformers' own output (the 'Loading weights' progress bars, info "
+                    "and warning logs); silenced by default")
 
     selfcheck = commands.add_parser(
         "selfcheck", help="compare every op, policy, the ragged cache and the axial aligner with "
@@ -300,27 +644,45 @@ def build_parser() -> argparse.ArgumentParser:
                             "aligner",
         description="Score each prompt with the proxy and with the target (KVzip reconstruction "
                     "scores, the teacher), write the pairs under --data (resumable), fit the "
-                    "aligner on them with one sample in 1/val-fraction held out, and save it "
-                    "into --out.")
-    align.add_argument("--target", required=True, help="target model folder (from_pretrained)")
-    align.add_argument("--proxy", required=True, help="proxy model folder (same tokenizer)")
+                    "aligner on them with every round(1/val-fraction)-th sample held out, and "
+                    "save it into --out. Every argument is checked before a model is loaded.")
+    align.add_argument("--target", required=True,
+                       help="target model folder (from_pretrained; holds config.json)")
+    align.add_argument("--proxy", required=True,
+                       help="proxy model folder (from_pretrained; same vocabulary as the target)")
     align.add_argument("--prompts", required=True,
-                       help="text file, one prompt per line (\\n for a newline inside one; "
-                            "token ids separated by spaces if the target has no tokenizer)")
-    align.add_argument("--out", required=True, help="folder to save the aligner into")
-    align.add_argument("--aligner", default="axial", help="registered aligner (default: axial)")
-    align.add_argument("--data", default=None, help="teacher-data folder (default: OUT/teacher)")
+                       help="text file, one prompt per line, at least 2 (\\n for a newline inside "
+                            "one; token ids separated by spaces if the target has no tokenizer)")
+    align.add_argument("--out", required=True,
+                       help="folder to save the aligner into (created if needed)")
+    align.add_argument("--aligner", default="axial", choices=available_aligners(),
+                       help="registered aligner to fit (default: %(default)s)")
+    align.add_argument("--data", default=None,
+                       help="teacher-data folder, created if needed and reused by a later run "
+                            "on the same models and prompts (default: OUT/teacher)")
     align.add_argument("--repeat-prompt", default=None,
                        help="the reconstruction scorer's repeat prompt, as text (token ids "
                             "separated by spaces if the target has no tokenizer); default: "
                             "proxykv.hf.DEFAULT_REPEAT_PROMPT_TEXT, or the bos token")
-    align.add_argument("--max-length", type=int, default=None,
-                       help="truncate prompts to this many tokens")
-    align.add_argument("--epochs", type=int, default=200)
-    align.add_argument("--max-seconds", type=float, default=None, help="stop fitting after this")
-    align.add_argument("--val-fraction", type=float, default=0.2)
-    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--max-length", type=_positive_int, default=None,
+                       help="truncate prompts to their first MAX_LENGTH tokens, an integer >= 1 "
+                            "(default: no truncation)")
+    align.add_argument("--epochs", type=_positive_int, default=200,
+                       help="most epochs of the gradient fit, an integer >= 1; it stops earlier "
+                            "when the held-out loss stops improving (closed-form fits such as "
+                            "linear's take none) (default: %(default)s)")
+    align.add_argument("--max-seconds", type=_positive_float, default=None,
+                       help="stop fitting after this many seconds, a finite number > 0 "
+                            "(default: no limit)")
+    align.add_argument("--val-fraction", type=_val_fraction, default=0.2,
+                       help="share of the samples held out for early stopping and the reported "
+                            "metrics, in (0, 0.5]: every round(1/F)-th sample is held out, at "
+                            "least one, so at least half of them train (default: %(default)s)")
+    align.add_argument("--seed", type=_seed, default=0,
+                       help="seed of the aligner's initial weights and of the shuffling, an "
+                            "integer in [0, 2**63) (default: %(default)s)")
     align.add_argument("--device", type=_device, default="cpu", help=device_help)
+    align.add_argument("--verbose", action="store_true", help=verbose_help)
     align.set_defaults(handler=_align_train)
 
     demo = commands.add_parser(
@@ -329,51 +691,98 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the zoo's target and proxy, compress one multi-query prompt with "
                     "ProxyKV and answer its questions with the full and the compressed cache; "
                     "print the kept fraction per layer and head, memory saved and timings.")
-    demo.add_argument("--keep-ratio", type=float, default=0.3)
+    demo.add_argument("--keep-ratio", type=_keep_ratio, default=0.3,
+                      help="fraction of the context's KV pairs each head keeps, in (0, 1] "
+                           "(default: %(default)s)")
     demo.add_argument("--device", type=_device, default="cpu", help=device_help)
+    demo.add_argument("--verbose", action="store_true", help=verbose_help)
     demo.set_defaults(handler=_demo)
 
+    ratios = " ".join(f"{r:g}" for r in KEEP_RATIOS)
     evaluate = commands.add_parser(
         "eval", help="accuracy under compression and scoring cost per method and keep ratio",
         description="Evaluate full, random, sink_recent, snapkv, kvzip and the ProxyKV variants "
                     "on the zoo's tasks (multikey, multiquery, vartrack; contexts compressed "
-                    "before the questions) at several keep ratios; print a Markdown table.")
-    evaluate.add_argument("--seed", type=int, default=0, help="evaluation seed (disjoint from "
-                                                              "training seeds)")
+                    "before the questions) at several keep ratios; print a Markdown table that "
+                    "ends with a one-line JSON summary. On the zoo's pair by default, or on "
+                    "--target/--proxy (the same tasks as text). Every argument is checked before "
+                    "a model is loaded.")
+    evaluate.add_argument("--seed", type=_seed, default=0,
+                          help="evaluation seed, an integer in [0, 2**63); evaluation samples "
+                               "never share a seed with training (default: %(default)s)")
     evaluate.add_argument("--quick", action="store_true",
-                          help="a reduced run (4 samples per task, keep 0.1 and 0.3) for CI")
-    evaluate.add_argument("--n", type=int, default=None, help="samples per task (default 32)")
-    evaluate.add_argument("--length", type=int, default=1024, help="context tokens")
-    evaluate.add_argument("--keep-ratios", type=float, nargs="+", default=None)
-    evaluate.add_argument("--methods", nargs="+", default=None)
-    evaluate.add_argument("--json", default=None, help="write the records (a JSON list) here")
-    evaluate.add_argument("--markdown", default=None, help="write the table here")
-    evaluate.add_argument("--plot", default=None, help="write the accuracy plot (PNG) here")
-    evaluate.add_argument("--target", default=None, help="target model folder (default: zoo)")
-    evaluate.add_argument("--proxy", default=None, help="proxy model folder (default: zoo)")
-    evaluate.add_argument("--aligner", default=None, help="trained axial aligner folder")
-    evaluate.add_argument("--linear-aligner", default=None,
-                          help="trained linear aligner folder")
+                          help="a reduced run for CI: 4 samples per task, keep 0.1 and 0.3 "
+                               "(--n and --keep-ratios still override it)")
+    evaluate.add_argument("--n", type=_positive_int, default=None,
+                          help="samples per task, an integer >= 1 (default: 32; 4 with --quick)")
+    evaluate.add_argument("--length", type=_eval_length, default=1024,
+                          help=f"context tokens per sample, at least {MIN_EVAL_LENGTH} (the "
+                               "tasks' 16 key-value pairs); kvzip and proxykv_* run the context "
+                               "twice, so at most (max_position_embeddings - 1) // 2: 2047 for "
+                               "the zoo's pair. Each method must also be able to select at each "
+                               "keep ratio (snapkv always keeps its last 64) (default: "
+                               "%(default)s)")
+    evaluate.add_argument("--keep-ratios", type=_compressed_ratio, nargs="+", default=None,
+                          metavar="RATIO",
+                          help=f"keep ratios to evaluate, each in (0, 1) (the full cache is the "
+                               f"method full) (default: {ratios}; 0.1 0.3 with --quick)")
+    evaluate.add_argument("--methods", type=_one_of(METHODS, "method"), choices=list(METHODS),
+                          nargs="+", default=None, metavar="METHOD",
+                          help=f"methods to evaluate, from {', '.join(METHODS)} (default: all; "
+                               "those needing a trained aligner only when one is at hand)")
+    evaluate.add_argument("--json", default=None, metavar="FILE",
+                          help="also write the records (a JSON list, one per method, keep ratio "
+                               "and task) to FILE")
+    evaluate.add_argument("--markdown", default=None, metavar="FILE",
+                          help="also write the table and its summary to FILE")
+    evaluate.add_argument("--plot", default=None, metavar="FILE",
+                          help="also write the accuracy plot (PNG) to FILE (needs matplotlib: "
+                               "the eval extra)")
+    evaluate.add_argument("--target", default=None, metavar="DIR",
+                          help="target model folder with config.json and a tokenizer; needs "
+                               "--proxy (default: the zoo's target)")
+    evaluate.add_argument("--proxy", default=None, metavar="DIR",
+                          help="proxy model folder with config.json and a tokenizer; needs "
+                               "--target (default: the zoo's proxy)")
+    evaluate.add_argument("--aligner", nargs="+", default=None, metavar="DIR",
+                          help="trained aligner folder(s) (proxykv align-train's --out), each "
+                               "labelled by the aligner its config.json names: linear runs "
+                               "proxykv_linear, axial runs proxykv_axial and "
+                               "proxykv_axial_head_budget; one per kind (default: the zoo's, "
+                               "on the zoo's pair; none on another)")
+    evaluate.add_argument("--linear-aligner", default=None, metavar="DIR",
+                          help="deprecated: the same as --aligner DIR (labelled by its config)")
     evaluate.add_argument("--device", type=_device, default="cpu", help=device_help)
+    evaluate.add_argument("--verbose", action="store_true", help=verbose_help)
     evaluate.set_defaults(handler=_eval)
 
     zoo = commands.add_parser("zoo", help="the model zoo: 'proxykv zoo train'",
                               description="The zoo's models: train them from a seed.")
-    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", required=True, metavar="COMMAND",
+                                      title="commands")
     zoo_train = zoo_commands.add_parser(
         "train", help="train the zoo's target, proxy and aligners from a seed (resumable)",
-        description="Train the zoo's target and proxy (proxykv.zoo.train; about 20 + 20 minutes "
-                    "on a 2-core CPU, resumable from OUT/<model>/checkpoints) and then their "
-                    "linear and axial aligners on teacher data from training seeds, into OUT. "
-                    "The committed weights (proxykv/zoo/weights) were made this way.")
-    zoo_train.add_argument("--out", required=True, help="output folder")
-    zoo_train.add_argument("--models", nargs="+", default=["target", "proxy"])
-    zoo_train.add_argument("--seed", type=int, default=0)
-    zoo_train.add_argument("--threads", type=int, default=None, help="torch threads")
-    zoo_train.add_argument("--steps-scale", type=float, default=1.0,
-                           help="multiply every stage's steps (e.g. 0.01 for a smoke run)")
-    zoo_train.add_argument("--eval-n", type=int, default=64,
-                           help="evaluation prompts per task at the end (0: none)")
+        description="Train the zoo's target and proxy (proxykv.zoo.train, resumable from "
+                    "OUT/<model>/checkpoints; the committed ones took 30 minutes for the target "
+                    "with 2 threads and 18 for the proxy with 1, on a 2-core CPU) and then their "
+                    "linear and axial aligners on teacher data from training seeds (their fits "
+                    "took 0.2 s and 29 s, after recording the teacher data), into OUT. The "
+                    "committed weights (proxykv/zoo/weights) were made this way.")
+    zoo_train.add_argument("--out", required=True,
+                           help="output folder: OUT/target, OUT/proxy, OUT/aligner_linear, "
+                                "OUT/aligner_axial (created if needed)")
+    zoo_train.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
+                           help=f"which models to train (default: {' '.join(MODELS)})")
+    zoo_train.add_argument("--seed", type=_seed, default=0,
+                           help="training seed, an integer in [0, 2**63) (default: %(default)s)")
+    zoo_train.add_argument("--threads", type=_positive_int, default=None,
+                           help="torch threads, an integer >= 1 (default: torch's, one per core)")
+    zoo_train.add_argument("--steps-scale", type=_positive_float, default=1.0,
+                           help="multiply every stage's steps (at least 1 each), a finite number "
+                                "> 0, e.g. 0.01 for a smoke run (default: %(default)s)")
+    zoo_train.add_argument("--eval-n", type=_nonnegative_int, default=64,
+                           help="evaluation prompts per task at the end, an integer >= 0 (0: "
+                                "none) (default: %(default)s)")
     zoo_train.add_argument("--no-aligners", dest="aligners", action="store_false",
                            help="skip the aligners (they need both models in OUT)")
     zoo_train.set_defaults(handler=_zoo_train)
@@ -387,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as error:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
+        message = " ".join(str(error).split("\n"))  # one line, whatever the message held
+        parser.exit(2, f"{parser.prog} {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

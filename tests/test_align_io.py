@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from proxykv import align
-from proxykv.align import get_aligner, load, read_config, save
+from proxykv.align import get_aligner, io, load, read_config, save
 
 NEG_INF = float("-inf")
 CASES = [
@@ -115,3 +115,63 @@ def test_fit_save_load_keeps_the_fitted_metrics(tmp_path):
     assert align.evaluate_aligner(loaded, proxy, target, loss=align.MultiGranularityLoss()) \
         == result.metrics
     assert read_config(tmp_path)["metadata"]["metrics"] == result.metrics
+
+
+def test_load_gives_back_the_saved_metadata(tmp_path):
+    aligner = get_aligner("linear", (3, 2), (5, 4))
+    assert aligner.metadata == {}
+    pair = {"target_fingerprint": "ab" * 32, "proxy_fingerprint": "cd" * 32, "samples": 3}
+    aligner.save(tmp_path / "with", metadata=pair)
+    assert load(tmp_path / "with").metadata == pair
+    save(aligner, tmp_path / "without")
+    assert load(tmp_path / "without").metadata == {}
+
+
+def saved_files(directory) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("failing", ["weights", "config", "replace"])
+def test_a_failed_save_leaves_the_previous_aligner_whole(failing, tmp_path, monkeypatch):
+    previous = randomised(get_aligner("linear", (3, 2), (5, 4)))
+    save(previous, tmp_path, metadata={"run": 1})
+    before = saved_files(tmp_path)
+    replacement = get_aligner("linear", (3, 2), (5, 4))  # zeros: other weights, same names
+
+    def half_written(path, text):
+        with open(path, "wb") as file:
+            file.write(text[: len(text) // 2])  # the disk filled up mid-write
+        raise OSError(28, "No space left on device")
+
+    if failing == "weights":
+        monkeypatch.setattr(io, "save_file", lambda tensors, path, metadata=None: half_written(
+            path, b"\x00" * 4096))
+    elif failing == "config":
+        real_open = open
+
+        def failing_open(path, mode="r", *args, **kwargs):
+            if str(path).endswith(".tmp") and "config" in str(path) and "w" in mode:
+                file = real_open(path, mode, *args, **kwargs)
+                file.write('{"format": "proxykv-aligner", ')
+                file.close()
+                raise OSError(28, "No space left on device")
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", failing_open)
+    else:
+        def failing_replace(source, destination):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(io.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        save(replacement, tmp_path, metadata={"run": 2})
+    monkeypatch.undo()
+    assert saved_files(tmp_path) == before  # no temporary file left either
+    loaded = load(tmp_path)
+    assert loaded.metadata == {"run": 1}
+    for key, value in previous.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    save(replacement, tmp_path, metadata={"run": 2})  # and the next save goes through
+    assert load(tmp_path).metadata == {"run": 2}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json",
+                                                                "weights.safetensors"]

@@ -12,6 +12,12 @@ pytest.importorskip("transformers")
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from proxykv.hf import CompressedCache, ProxyKV  # noqa: E402
+from proxykv.hf.compressed import (  # noqa: E402
+    disable_compressed_attention,
+    enable_compressed_attention,
+)
+from proxykv.hf.pipeline import prefill  # noqa: E402
+from proxykv.hf.scorers import _Prompt  # noqa: E402
 from proxykv.hf.testing import tiny_model  # noqa: E402
 
 ARCHS = ("qwen2", "llama", "qwen3")
@@ -34,6 +40,8 @@ def models():
 def make(target, proxy=None, **kwargs) -> ProxyKV:
     """A pipeline on the torch kernels (fast on CPU); the Triton ones run in the oracle test."""
     kwargs.setdefault("impl", "torch")
+    if proxy is not None:
+        kwargs.setdefault("aligner", "depth_interp")
     return ProxyKV(target, proxy, **kwargs)
 
 
@@ -284,11 +292,21 @@ def test_score_once_compact_at_several_budgets(models):
 def test_per_head_cache_refuses_the_stock_attention(models):
     target, proxy = models["qwen2"]
     ids = ids_of(1, 30)
-    pipe = make(target, proxy, policy="head_budget", keep_ratio=0.5)
-    cache = pipe.compress(ids)
-    pipe.close()
+    with make(target, proxy, policy="head_budget", keep_ratio=0.5) as pipe:
+        cache = pipe.compress(ids)
+        disable_compressed_attention(target)
+        try:
+            with pytest.raises(ValueError, match="enable_compressed_attention"):
+                target(input_ids=ids_of(1, 2), cache=cache, use_cache=True)
+        finally:
+            enable_compressed_attention(target)
+        assert cache.appended == 0
+        # a cache built without a pipeline is caught by the next layer's update
+        unbound = CompressedCache.from_selection(
+            [(layer.keys, layer.values) for layer in prefill(target, _Prompt(target, ids, None))
+             .layers], cache.selection)
     with pytest.raises(RuntimeError, match="enable_compressed_attention"):
-        target(input_ids=ids_of(1, 2), cache=cache, use_cache=True)
+        target(input_ids=ids_of(1, 2), cache=unbound, use_cache=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +320,10 @@ def test_bad_input_leaves_the_models_untouched(models):
         (dict(proxy=other_vocab, keep_ratio=0.5), "vocab_size"),
         (dict(proxy=proxy, aligner="linear", keep_ratio=0.5), None),  # shapes fit: fine
         (dict(proxy=None, aligner="depth_interp", keep_ratio=0.5), "aligner needs a proxy"),
-        (dict(proxy=proxy, keep_ratio=0.5, budget=4), "exactly one"),
-        (dict(proxy=proxy), "exactly one"),
-        (dict(proxy=proxy, keep_ratio=1.5), "keep_ratio"),
+        (dict(proxy=proxy, aligner="depth_interp", keep_ratio=0.5, budget=4), "exactly one"),
+        (dict(proxy=proxy, aligner="depth_interp"), "exactly one"),
+        (dict(proxy=proxy, aligner="depth_interp", keep_ratio=1.5), "keep_ratio"),
+        (dict(proxy=proxy, keep_ratio=0.5), "align-train"),
     ]
     for kwargs, message in cases:
         if message is None:
@@ -357,7 +376,7 @@ def test_a_proxy_with_another_tokenizer_is_refused(tmp_path):
         save_tokenizer(tmp_path / name)
     target, proxy = (AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
                      for name in ("target", "proxy"))
-    ProxyKV(target, proxy, keep_ratio=0.5).close()  # the same tokenizer: accepted
+    ProxyKV(target, proxy, aligner="depth_interp", keep_ratio=0.5).close()  # same tokenizer
     path = tmp_path / "proxy" / "tokenizer.json"
     data = json.loads(path.read_text())
     vocab = data["model"]["vocab"]

@@ -149,6 +149,9 @@ class Aligner(nn.Module):
         super().__init__()
         self.proxy_shape = check_model_shape("proxy_shape", proxy_shape)
         self.target_shape = check_model_shape("target_shape", target_shape)
+        #: The ``metadata`` dict ``proxykv.align.load`` read with the aligner (e.g. the models it
+        #: was fitted for); ``{}`` for an aligner that was not loaded.
+        self.metadata: dict[str, Any] = {}
 
     @property
     def proxy_channels(self) -> int:

@@ -1,11 +1,17 @@
 """Save and load aligners: a directory holding ``weights.safetensors`` (the state dict) and
 ``config.json`` (format version, aligner name, both shapes, constructor parameters, optional
 user metadata).
+
+``save`` writes both files under temporary names in the directory and only then moves them into
+place (``os.replace``, the config last), so a save that fails part-way leaves the aligner that was
+there before, if any, whole. ``load`` hands back the saved metadata as ``aligner.metadata``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -25,7 +31,12 @@ CONFIG_FILE = "config.json"
 def save(aligner: Aligner, path, *, metadata: dict | None = None) -> Path:
     """Write ``aligner`` into the directory ``path`` (created if needed; existing files of the same
     names are replaced). ``metadata`` is any JSON-serialisable dict kept with the config (e.g. the
-    model names and the fit's metrics). Returns the directory."""
+    model names and the fit's metrics) and given back by ``load`` as ``aligner.metadata``. Returns
+    the directory.
+
+    Both files are written to temporary names first and moved into place only when both are
+    complete (the config last), so an error during the save leaves an aligner saved there before
+    unchanged and loadable."""
     if not isinstance(aligner, Aligner):
         raise TypeError(f"aligner must be a proxykv.align.Aligner, got {type(aligner).__name__}")
     if metadata is not None and not isinstance(metadata, dict):
@@ -41,9 +52,42 @@ def save(aligner: Aligner, path, *, metadata: dict | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     weights = {name: tensor.detach().cpu().contiguous()
                for name, tensor in aligner.state_dict().items()}
-    save_file(weights, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (directory / CONFIG_FILE).write_text(text + "\n")
+    temporary = []
+    try:
+        weights_tmp = _temporary(directory, WEIGHTS_FILE, temporary)
+        save_file(weights, str(weights_tmp), metadata={"format": FORMAT})
+        _sync(weights_tmp)
+        config_tmp = _temporary(directory, CONFIG_FILE, temporary)
+        with open(config_tmp, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(weights_tmp, directory / WEIGHTS_FILE)
+        os.replace(config_tmp, directory / CONFIG_FILE)  # last: the aligner's "commit"
+    finally:
+        for leftover in temporary:
+            leftover.unlink(missing_ok=True)
     return directory
+
+
+def _temporary(directory: Path, name: str, created: list[Path]) -> Path:
+    """A new empty file beside ``directory / name`` (a hidden temporary name), noted in
+    ``created`` so that it is removed if the save fails."""
+    while True:
+        temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            with open(temp, "x"):  # created with the usual permissions (mkstemp's are 0600)
+                pass
+        except FileExistsError:
+            continue
+        created.append(temp)
+        return temp
+
+
+def _sync(path: Path) -> None:
+    """Flush ``path``'s contents to disk before it replaces the saved file."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
 
 
 def read_config(path) -> dict:
@@ -95,7 +139,8 @@ def _field_problem(config: dict) -> str | None:
 
 def load(path, *, proxy_shape=None, target_shape=None,
          map_location: torch.device | str = "cpu") -> Aligner:
-    """Rebuild the aligner saved in the directory ``path`` on ``map_location``.
+    """Rebuild the aligner saved in the directory ``path`` on ``map_location``; its ``metadata``
+    attribute holds the ``metadata`` dict it was saved with (``{}`` when none was given).
 
     ``proxy_shape`` / ``target_shape`` (``(layers, heads)``), when given, must equal the saved
     shapes: loading an aligner for other models raises ``ValueError``.
@@ -132,6 +177,7 @@ def load(path, *, proxy_shape=None, target_shape=None,
         raise ValueError(f"the weights at {weights_path} do not fit the saved "
                          f"{config['aligner']!r} configuration: {'; '.join(problems)}")
     aligner.load_state_dict(weights, strict=True)
+    aligner.metadata = config.get("metadata", {})
     return aligner.to(map_location)
 
 

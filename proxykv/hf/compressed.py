@@ -30,6 +30,7 @@ range is pinned in ``pyproject.toml`` and a CI test compares keep-everything wit
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -53,6 +54,7 @@ def _compressed_attention(stock: str):
         if layer is None:
             function = stock_attention_function(stock, module)
             return function(module, query, key, value, attention_mask, *args, **kwargs)
+        layer.check_module(module)
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
@@ -113,7 +115,24 @@ def _hand_over(layer, kwargs) -> None:
         kwargs[LAYER_KEY] = layer
 
 
-class CompressedLayer(DynamicLayer):
+class _OwnedLayer:
+    """What both layer kinds share: the attention modules of the model the cache was made for
+    (set by ``CompressedCache.bind``), checked when an attention function reads the layer."""
+
+    owner_modules: frozenset[int] | None = None
+    cache_ref = None  # weakref to the CompressedCache holding the layer
+
+    def check_module(self, module) -> None:
+        if self.owner_modules is not None and id(module) not in self.owner_modules:
+            cache = None if self.cache_ref is None else self.cache_ref()
+            if cache is not None:  # this forward's rows go: the cache stays as it was
+                cache._roll_back_interrupted_forward()
+            raise ValueError(f"this CompressedCache was made for another model: its attention "
+                             f"module {type(module).__name__} is not one of the model the cache "
+                             f"was compressed for; compress the prompt with this model's ProxyKV")
+
+
+class CompressedLayer(_OwnedLayer, DynamicLayer):
     """One layer of a uniform compressed cache: dense ``keys``/``values`` ``[B, H_kv, k + n, D]``
     (``k`` kept rows, then ``n`` appended ones); ``dropped`` positions of the context are gone.
 
@@ -153,7 +172,7 @@ class CompressedLayer(DynamicLayer):
                                 max_seq_len=rows, num_kv_heads=heads, impl=self.impl)
 
 
-class RaggedCompressedLayer(CacheLayerMixin):
+class RaggedCompressedLayer(_OwnedLayer, CacheLayerMixin):
     """One layer of a per-head compressed cache: a view of layer ``layer_index`` of a
     ``RaggedKVCache``. ``update`` appends there; only the compressed attention can read it."""
 
@@ -236,6 +255,48 @@ class CompressedCache(Cache):
         self.selection, self.stats, self.ragged = selection, stats, ragged
         self.context_length = int(context_length)
         self.valid_lengths = [int(v) for v in valid_lengths]
+        #: the context's ids ``[B, T]`` (set by ``ProxyKV``; its repetition penalty reads them)
+        self.context_ids: torch.Tensor | None = None
+        self._owner = None      # weakref to the model it was made for (``bind``)
+        self._pipeline = None   # the open/closed state of the ProxyKV that made it
+        # Each layer's length when the running forward reached layer 0; None between forwards.
+        # A forward that raised part-way leaves it set: the next use rolls the layers back.
+        self._forward_start: list[int] | None = None
+
+    def bind(self, model, pipeline_state=None, context_ids: torch.Tensor | None = None) -> None:
+        """Tie the cache to ``model`` (and the pipeline that made it): another model's attention,
+        a closed pipeline, and a per-head cache read by an attention function that cannot read it
+        are then refused by name before anything is appended."""
+        self._owner = weakref.ref(model)
+        self._pipeline = pipeline_state
+        self.context_ids = context_ids
+        modules = frozenset(id(module) for module in model.modules())
+        for layer in self.layers:
+            layer.owner_modules = modules
+            layer.cache_ref = weakref.ref(self)
+
+    @property
+    def owner(self):
+        """The model the cache was made for (None if unbound or gone)."""
+        return None if self._owner is None else self._owner()
+
+    def check_usable(self) -> None:
+        """Raise ``ValueError`` if the cache cannot be used now: its pipeline was closed, its model
+        is gone, or (per-head) its model's attention cannot read it."""
+        if self._pipeline is not None and not self._pipeline.open:
+            raise ValueError("this CompressedCache belongs to a ProxyKV pipeline that was closed "
+                             "(or dropped): keep the pipeline open while its caches are used, e.g. "
+                             "'with ProxyKV(...) as pipe:'")
+        if self._owner is None:
+            return
+        owner = self._owner()
+        if owner is None:
+            raise ValueError("the model this CompressedCache was made for no longer exists")
+        if self.is_ragged and not is_compressed_attention(owner):
+            raise ValueError(f"a per-head CompressedCache needs the compressed attention, but the "
+                             f"model runs {owner.config._attn_implementation!r}: call "
+                             f"proxykv.hf.enable_compressed_attention(model) (ProxyKV does while "
+                             f"it is open)")
 
     @classmethod
     def from_selection(cls, past_key_values, selection, *, valid_lengths=None, stats=None,
@@ -283,17 +344,63 @@ class CompressedCache(Cache):
         return self.selection.batch_size
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if layer_idx > 0:
+        if layer_idx == 0:
+            self._roll_back_interrupted_forward()
+            self.check_usable()
+            self._check_new_rows(key_states)
+            self._forward_start = [layer.get_seq_length() for layer in self.layers]
+        else:
             previous = self.layers[layer_idx - 1]
             if getattr(previous, "unread", False):
                 raise RuntimeError(
                     "a per-head CompressedCache was used by an attention function that does not "
                     "read it (layer {}): call proxykv.hf.enable_compressed_attention(model) "
                     "first".format(layer_idx - 1))
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == len(self.layers) - 1:
+            self._forward_start = None  # every layer has its rows: the forward's appends hold
+        return out
+
+    def _check_new_rows(self, key_states: torch.Tensor) -> None:
+        """The new tokens' keys ``[B, H_kv, t, D]`` must fit the cache (checked before any layer
+        grows): another batch size is what beam search and ``num_return_sequences`` feed."""
+        batch, heads, _, dim = key_states.shape
+        if batch != self.batch_size:
+            raise ValueError(f"this CompressedCache holds {self.batch_size} row(s) but the forward "
+                             f"feeds {batch}: beam search (num_beams > 1), num_return_sequences > "
+                             f"1 and other batch expansions are not supported over a compressed "
+                             f"cache; use greedy decoding or sampling, one sequence per row")
+        expected = (self.selection.num_kv_heads, self.head_dim)
+        if (heads, dim) != expected:
+            raise ValueError(f"this CompressedCache holds (KV heads, head_dim) {expected}, the "
+                             f"model feeds {(heads, dim)}: it was made for another model")
+
+    @property
+    def head_dim(self) -> int:
+        if self.ragged is not None:
+            return self.ragged.head_dim
+        return self.layers[0].keys.shape[-1]
+
+    def _roll_back_interrupted_forward(self) -> None:
+        """Remove the rows a forward that raised part-way appended to its first layers, so every
+        layer holds the same tokens again."""
+        start, self._forward_start = self._forward_start, None
+        if start is None:
+            return
+        for layer, length in zip(self.layers, start):
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+            if isinstance(layer, RaggedCompressedLayer):
+                layer.unread = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        self._roll_back_interrupted_forward()
+        return super().get_seq_length(layer_idx)
 
     def restore(self) -> None:
-        """Remove every token appended since compression (no copy of the kept pairs)."""
+        """Remove every token appended since compression (no copy of the kept pairs); also the
+        rows of a forward that raised part-way."""
         if self.appended:
             self.crop(-self.appended)
         for layer in self.layers:

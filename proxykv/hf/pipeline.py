@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,14 +34,13 @@ from pathlib import Path
 import torch
 
 from proxykv._validation import check_float, check_int
-from proxykv.align import Aligner, get_aligner, to_log_scores
+from proxykv.align import Aligner, available_aligners, get_aligner, to_log_scores
 from proxykv.align import load as load_aligner
 from proxykv.hf.capture import check_supported_model
 from proxykv.hf.compressed import (
     CompressedCache,
     disable_compressed_attention,
     enable_compressed_attention,
-    is_compressed_attention,
 )
 from proxykv.hf.scorers import (
     Scorer,
@@ -50,6 +50,7 @@ from proxykv.hf.scorers import (
     _num_layers,
     _Prompt,
     get_scorer,
+    scorer_takes,
 )
 from proxykv.policies import Policy, get_policy
 from proxykv.policies.budget import check_budget_choice
@@ -58,6 +59,48 @@ from proxykv.selection import Selection
 STAGES = ("target_prefill", "proxy_scoring", "align", "select", "compact")
 #: open ProxyKV pipelines per target model: the last one to close restores the stock attention
 _open_pipelines: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_open_lock = threading.Lock()
+#: what ``proxykv align-train`` makes (said by every error about a missing aligner)
+ALIGN_TRAIN_COMMAND = ("proxykv align-train --target TARGET_DIR --proxy PROXY_DIR --prompts "
+                       "PROMPTS.txt --out ALIGNER_DIR")
+#: generation-config fields ``ProxyKV.generate`` does not apply, with the value that is a no-op
+_UNSUPPORTED_GENERATION = {
+    "num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "min_length": 0,
+    "min_new_tokens": None, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "force_words_ids": None, "sequence_bias": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+    "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
+    "guidance_scale": None, "watermarking_config": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "dola_layers": None, "top_h": None,
+}
+
+
+class _PipelineState:
+    """Whether a ``ProxyKV`` is open; shared with its caches (which must not keep the pipeline
+    alive) and closed by ``close()`` or by the pipeline's finalizer."""
+
+    def __init__(self, target):
+        self.open = True
+        self._target = weakref.ref(target)
+        with _open_lock:
+            _open_pipelines[target] = _open_pipelines.get(target, 0) + 1
+
+    def close(self) -> None:
+        """Switch the target back to its stock attention once no other open pipeline uses it."""
+        if not self.open:
+            return
+        self.open = False
+        target = self._target()
+        if target is None:
+            return
+        with _open_lock:
+            remaining = _open_pipelines.get(target, 1) - 1
+            if remaining > 0:
+                _open_pipelines[target] = remaining
+                return
+            _open_pipelines.pop(target, None)
+        disable_compressed_attention(target)
 
 
 @dataclass
@@ -128,54 +171,75 @@ class ProxyKV:
             ``close()`` switches it back.
         proxy: a smaller model of the same family (same vocabulary and tokenizer), or None to
             score with the target itself (the baselines).
-        aligner: proxy -> target score aligner: an ``Aligner``, a registered name (built for the
-            two models' shapes; parameter-free ones like ``depth_interp`` need no training) or the
-            path of a saved aligner. Default with a proxy: ``"depth_interp"``, which needs no
-            training but can rank worse than random (the zoo's report, ``docs/eval``: 0.16
-            accuracy at keep 0.3 where the trained ``axial`` reaches 0.97); train one with
-            ``proxykv align-train``. Must be None without a proxy.
+        aligner: proxy -> target score aligner, required with a proxy: an ``Aligner``, the folder
+            of a saved one (``proxykv align-train`` trains one for a model pair), or a registered
+            name built for the two models' shapes (``"depth_interp"`` needs no training but ranks
+            worse than random selection on the zoo: 0.16 accuracy at keep 0.3 against random's
+            0.22 and the trained ``axial``'s 0.97, ``docs/eval``). A saved aligner records the
+            model pair it was trained on; another pair of the same shapes gets a
+            ``UserWarning``. Must be None without a proxy.
         policy: a ``Policy`` or a registered name (``get_policy(name)``), default ``"topk"``.
         scorer: a ``Scorer`` or a registered name (``get_scorer(name)``), default
             ``"reconstruction"`` (KVzip).
         keep_ratio, budget: the policy's budget (exactly one, unless the policy picks its own).
         proxy_device: where the proxy runs (the proxy is moved there); default: where it is.
-        concurrent: run the proxy concurrently with the target's prefill (default True).
+        concurrent: run the proxy concurrently with the target's prefill. Default (None):
+            concurrently unless the proxy shares modules with the target (e.g. the target itself
+            or its first layers), which run sequentially — two threads cannot drive the same
+            modules; ``True`` with such a proxy raises ``ValueError``.
         impl: backend of the kernels (``None``, ``"torch"``, ``"triton"``): the gather, the
             attention over the compressed cache and a scorer given by name.
 
     Raises:
         TypeError, ValueError: unsupported models, a proxy whose vocabulary or tokenizer differs,
-            an aligner whose shapes do not match the models, a bad budget — before any change
-            to the models.
+            a proxy without an aligner, an aligner whose shapes do not match the models, a bad
+            budget — before any change to the models. ``FileNotFoundError``: an aligner folder
+            that does not exist.
+
+    ``close()`` (or leaving a ``with`` block) switches the target back for good; a closed
+    pipeline, and every cache it made, refuse further use. A pipeline dropped without ``close()``
+    is closed by its finalizer.
     """
 
     def __init__(self, target, proxy=None, *, aligner=None, policy="topk",
                  scorer="reconstruction", keep_ratio: float | None = None,
-                 budget: int | None = None, proxy_device=None, concurrent: bool = True,
+                 budget: int | None = None, proxy_device=None, concurrent: bool | None = None,
                  reserve_steps: int = 256, impl: str | None = None):
+        self._state = None  # a failed construction has nothing to close
         check_supported_model(target)
         self.target, self.proxy = target, proxy
         self.target_shape = (_num_layers(target), _num_kv_heads(target))
+        shares_modules = False
         if proxy is not None:
             check_supported_model(proxy)
             check_same_vocabulary(target, proxy)
             self.proxy_shape = (_num_layers(proxy), _num_kv_heads(proxy))
+            shares_modules = shares_modules_with(target, proxy)
         elif aligner is not None:
             raise ValueError("aligner needs a proxy: with proxy=None the target scores itself")
+        if concurrent is not None and not isinstance(concurrent, bool):
+            raise TypeError(f"concurrent must be a bool or None, got {type(concurrent).__name__}")
+        if concurrent and shares_modules:
+            raise ValueError("concurrent=True needs a proxy with modules of its own, but this "
+                             "proxy shares modules with the target (two threads would drive the "
+                             "same modules and capture hooks at once): pass concurrent=False or "
+                             "leave it None")
         self.aligner = self._build_aligner(aligner) if proxy is not None else None
         self.policy = get_policy(policy) if isinstance(policy, str) else policy
         if not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a Policy or a registered name, got "
                             f"{type(policy).__name__}")
-        self.scorer = get_scorer(scorer, impl=impl) if isinstance(scorer, str) else scorer
+        if isinstance(scorer, str):
+            scorer = get_scorer(scorer, **({"impl": impl} if scorer_takes(scorer, "impl")
+                                           else {}))
+        self.scorer = scorer
         if not isinstance(self.scorer, Scorer):
             raise TypeError(f"scorer must be a proxykv.hf.Scorer or a registered name, got "
                             f"{type(scorer).__name__}")
         self._check_budget(keep_ratio, budget)
         self.keep_ratio, self.budget = keep_ratio, budget
-        if not isinstance(concurrent, bool):
-            raise TypeError(f"concurrent must be a bool, got {type(concurrent).__name__}")
-        self.concurrent = concurrent
+        self.concurrent = (proxy is not None and not shares_modules) if concurrent is None \
+            else concurrent
         self.reserve_steps = check_int("reserve_steps", reserve_steps, minimum=0)
         self.impl = impl
         if proxy is not None and proxy_device is not None:
@@ -183,15 +247,26 @@ class ProxyKV:
         if self.aligner is not None and proxy is not None:
             self.aligner.to(_device(proxy))
         enable_compressed_attention(target)
-        _open_pipelines[target] = _open_pipelines.get(target, 0) + 1
-        self._open = True
+        self._state = _PipelineState(target)
+        self._finalizer = weakref.finalize(self, self._state.close)
 
     # ------------------------------------------------------------------ construction helpers
     def _build_aligner(self, aligner) -> Aligner:
         if aligner is None:
-            aligner = "depth_interp"
-        if isinstance(aligner, (str, Path)) and Path(aligner).is_dir():
+            raise ValueError(f"a proxy needs an aligner that maps its scores onto the target's "
+                             f"layers and heads: train one for this pair with '"
+                             f"{ALIGN_TRAIN_COMMAND}' and pass aligner='ALIGNER_DIR' (or "
+                             f"aligner='depth_interp', which needs no training but can rank worse "
+                             f"than random selection)")
+        if isinstance(aligner, Path) or (isinstance(aligner, str)
+                                         and aligner not in available_aligners()):
+            if not Path(aligner).is_dir():
+                if isinstance(aligner, Path) or any(sep in aligner for sep in ("/", "\\", ".")):
+                    raise FileNotFoundError(f"aligner {str(aligner)!r}: no such folder")
+                raise ValueError(f"aligner {aligner!r} is neither a registered aligner ("
+                                 f"{', '.join(available_aligners())}) nor a folder")
             built = load_aligner(aligner)
+            built.source = str(aligner)
         elif isinstance(aligner, str):
             built = get_aligner(aligner, self.proxy_shape, self.target_shape)
         elif isinstance(aligner, Aligner):
@@ -203,6 +278,7 @@ class ProxyKV:
             raise ValueError(f"aligner maps (layers, KV heads) {built.proxy_shape} -> "
                              f"{built.target_shape}, but the proxy has {self.proxy_shape} and the "
                              f"target {self.target_shape}")
+        warn_if_trained_for_another_pair(built, self.target, self.proxy)
         return built.eval()
 
     def _check_budget(self, keep_ratio, budget) -> None:
@@ -210,17 +286,18 @@ class ProxyKV:
                             policy_name=f"policy {self.policy!r}")
 
     def close(self) -> None:
-        """Switch the target back to its stock attention once no other open ``ProxyKV`` uses it
-        (idempotent)."""
-        if not self._open:
-            return
-        self._open = False
-        remaining = _open_pipelines.get(self.target, 1) - 1
-        if remaining > 0:
-            _open_pipelines[self.target] = remaining
-            return
-        _open_pipelines.pop(self.target, None)
-        disable_compressed_attention(self.target)
+        """Close the pipeline for good (idempotent): it and its caches refuse further use; the
+        target goes back to its stock attention once no other open ``ProxyKV`` uses it."""
+        if self._state is not None:
+            self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._state is None or not self._state.open
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this ProxyKV was closed; make a new one")
 
     def __enter__(self) -> ProxyKV:  # noqa: PYI034
         return self
@@ -245,10 +322,14 @@ class ProxyKV:
         ``compact``).
 
         Raises ``ValueError`` for ids outside the vocabulary, a prompt longer than either model's
-        ``max_position_embeddings``, a mask that is not left padding; nothing is modified then.
+        ``max_position_embeddings``, a mask that is not left padding, a row too short for the
+        budget or the policy (naming the row) — all before the prefill; nothing is modified then.
         """
+        self._check_open()
         if keep_ratio is not None or budget is not None:
             self._check_budget(keep_ratio, budget)
+        self._check_fits(_Prompt(self.target, input_ids, attention_mask).valid, keep_ratio,
+                         budget)
         scored = self.score(input_ids, attention_mask)
         cache = self.compact(scored, keep_ratio=keep_ratio, budget=budget)
         scored.release()
@@ -259,7 +340,13 @@ class ProxyKV:
         """The first stages of ``compress``: the target's prefill, the scores (the proxy's,
         aligned to the target, or the target's own) — a ``ScoredPrompt`` to ``compact`` at one or
         several budgets. It holds the full cache until ``release()``."""
+        self._check_open()
         prompt = _Prompt(self.target, input_ids, attention_mask)
+        for row, length in enumerate(prompt.valid):
+            try:
+                self.policy.check_seq_len(length)
+            except ValueError as error:
+                raise ValueError(f"row {row} of input_ids ({length} tokens): {error}") from None
         if self.proxy is not None:
             proxy_device = _device(self.proxy)
             proxy_ids = input_ids.to(proxy_device)
@@ -269,6 +356,7 @@ class ProxyKV:
         start = time.perf_counter()
         if self.proxy is None:
             scores, full_cache = self.scorer.score(self.target, input_ids, attention_mask)
+            check_no_nan(scores, f"the target ({_describe(self.target)}) scored by {self.scorer!r}")
             _synchronize(prompt.device)
             seconds["target_prefill"] = time.perf_counter() - start
             concurrent = False
@@ -276,9 +364,12 @@ class ProxyKV:
             concurrent = self.concurrent
             full_cache, proxy_scores = self._prefill_and_score(
                 prompt, input_ids, attention_mask, proxy_ids, proxy_mask, seconds)
+            check_no_nan(proxy_scores,
+                         f"the proxy ({_describe(self.proxy)}) scored by {self.scorer!r}")
             tick = time.perf_counter()
             with torch.no_grad():
                 scores = self.aligner(to_log_scores(proxy_scores)).to(prompt.device)
+            check_no_nan(scores, f"the aligner {self.aligner.name!r}")
             _synchronize(prompt.device)
             seconds["align"] = time.perf_counter() - tick
         seconds["total"] = time.perf_counter() - start
@@ -288,6 +379,7 @@ class ProxyKV:
                 budget: int | None = None) -> CompressedCache:
         """The last stages of ``compress``: select (at ``keep_ratio``/``budget``, default the
         pipeline's) and gather the kept pairs of ``scored``'s full cache (left intact)."""
+        self._check_open()
         if keep_ratio is None and budget is None:
             keep_ratio, budget = self.keep_ratio, self.budget
         else:
@@ -295,6 +387,7 @@ class ProxyKV:
         if scored.cache is None:
             raise ValueError("this ScoredPrompt was released; score the prompt again")
         prompt, seconds = scored.prompt, dict(scored.seconds)
+        self._check_fits(prompt.valid, keep_ratio, budget)
         start = time.perf_counter()
         selection = self.select(scored.scores, prompt.pad, keep_ratio=keep_ratio, budget=budget)
         _synchronize(prompt.device)
@@ -305,6 +398,7 @@ class ProxyKV:
         bytes_per_row = 2 * layers[0][0].shape[-1] * layers[0][0].element_size()
         cache = CompressedCache.from_selection(layers, selection, valid_lengths=prompt.valid,
                                                reserve_steps=self.reserve_steps, impl=self.impl)
+        cache.bind(self.target, self._state, prompt.ids)
         _synchronize(prompt.device)
         seconds["compact"] = time.perf_counter() - tick
         seconds["total"] += time.perf_counter() - start
@@ -313,6 +407,16 @@ class ProxyKV:
                                        int(kept.sum()) * bytes_per_row, cache.nbytes, kept,
                                        prompt.length, prompt.valid)
         return cache
+
+    def _check_fits(self, valid_lengths: list[int], keep_ratio, budget) -> None:
+        """Every row's tokens can take the budget and the policy (checked before a prefill)."""
+        if keep_ratio is None and budget is None:
+            keep_ratio, budget = self.keep_ratio, self.budget
+        for row, length in enumerate(valid_lengths):
+            try:
+                self.policy.check_applicable(length, keep_ratio=keep_ratio, budget=budget)
+            except ValueError as error:
+                raise ValueError(f"row {row} of input_ids ({length} tokens): {error}") from None
 
     def _prefill_and_score(self, prompt, input_ids, attention_mask, proxy_ids, proxy_mask,
                            seconds):
@@ -361,6 +465,7 @@ class ProxyKV:
         """The policy's selection on target scores ``[B, Lt, Ht, T]`` at ``keep_ratio``/``budget``
         (default the pipeline's); rows with left padding ``pad[b]`` are selected on their own
         tokens (as if each ran alone)."""
+        self._check_open()
         if keep_ratio is None and budget is None:
             keep_ratio, budget = self.keep_ratio, self.budget
         budget = {"keep_ratio": keep_ratio, "budget": budget}
@@ -376,21 +481,31 @@ class ProxyKV:
     # ------------------------------------------------------------------ generate
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  cache: CompressedCache | None = None,
-                 attention_mask: torch.Tensor | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 attention_mask: torch.Tensor | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Token ids ``[B, n + new]``: ``input_ids`` followed by up to ``max_new_tokens``
-        generated ones (greedy unless ``do_sample``; rows that reached ``eos_token_id`` are
-        filled with ``pad_token_id``; generation stops when every row has).
+        generated ones, as ``model.generate`` would choose them: ``do_sample``, ``temperature``,
+        ``top_k`` (0: off), ``top_p``, ``repetition_penalty`` (over the context, the question and
+        the answer so far), ``eos_token_id`` and ``pad_token_id`` default to the target's
+        ``generation_config``. Rows that reached an eos token are filled with ``pad_token_id``;
+        generation stops when every row has. A ``generation_config`` asking for anything else
+        (beam search, ``no_repeat_ngram_size``, ``min_new_tokens``, ...) raises ``ValueError``
+        naming it: this method does not apply it.
 
-        With ``cache`` (a ``CompressedCache`` from ``compress``), ``input_ids`` ``[B, n]``
-        continue the compressed context (a question, no padding): they attend to the kept pairs
-        through ``ragged_attention``, then decoding continues; afterwards the cache is back to
-        its compressed state, so it can answer another question. Without ``cache``, the prompt
-        but its last token is compressed, and the last token starts the generation over it.
+        With ``cache`` (a ``CompressedCache`` from this pipeline's ``compress``), ``input_ids``
+        ``[B, n]`` continue the compressed context (a question, no padding): they attend to the
+        kept pairs through ``ragged_attention``, then decoding continues; afterwards the cache is
+        back to its compressed state (also when generation raised), so it can answer another
+        question. Without ``cache``, the prompt but its last token is compressed, and the last
+        token starts the generation over it.
         """
+        self._check_open()
         check_int("max_new_tokens", max_new_tokens, minimum=1)
+        choose, penalty = self._decoding(do_sample, temperature, top_k, top_p,
+                                         repetition_penalty, generator)
         if cache is None:
             if attention_mask is not None and attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask must have the shape of input_ids "
@@ -403,12 +518,17 @@ class ProxyKV:
             cache = self.compress(input_ids[:, :-1], context_mask)
             new = self.generate(input_ids[:, -1:], max_new_tokens, cache=cache,
                                 do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                top_p=top_p, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id, generator=generator)
+                                top_p=top_p, repetition_penalty=repetition_penalty,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                generator=generator)
             return torch.cat([input_ids, new[:, 1:]], dim=1)
         if not isinstance(cache, CompressedCache):
             raise TypeError(f"cache must be a CompressedCache from ProxyKV.compress, got "
                             f"{type(cache).__name__}")
+        if cache.owner is not self.target:
+            raise ValueError("cache was not made by this pipeline's target model: compress the "
+                             "context with this ProxyKV")
+        cache.check_usable()
         if attention_mask is not None:
             raise ValueError("a question continuing a compressed cache takes no attention_mask "
                              "(it cannot be padded)")
@@ -423,17 +543,21 @@ class ProxyKV:
             raise ValueError(f"the context ({max(cache.valid_lengths)} tokens), the question "
                              f"({question.length}) and max_new_tokens={max_new_tokens} pass the "
                              f"target's max_position_embeddings = {max_positions}")
-        choose = _token_chooser(do_sample, temperature, top_k, top_p, generator)
+        if penalty is not None and (cache.context_ids is None or cache.appended):
+            raise ValueError("repetition_penalty needs the ids of everything the cache holds: a "
+                             "cache fresh from compress (restore() it first)")
+        config = self.target.generation_config
         eos = _id_set("eos_token_id", eos_token_id if eos_token_id is not None
-                      else self.target.generation_config.eos_token_id)
+                      else config.eos_token_id)
         pad_id = pad_token_id if pad_token_id is not None else \
-            (self.target.generation_config.pad_token_id or (min(eos) if eos else 0))
+            (config.pad_token_id if config.pad_token_id is not None
+             else (min(eos) if eos else 0))
         device = question.device
         eos_ids = torch.tensor(sorted(eos), device=device)
         start = torch.tensor(cache.valid_lengths, device=device).unsqueeze(1) + cache.appended
+        history = None if penalty is None else \
+            torch.cat([cache.context_ids.to(device), question.ids], dim=1)
         cache_kw = _cache_argument(self.target)
-        if not is_compressed_attention(self.target):
-            enable_compressed_attention(self.target)
         tokens, generated = question.ids, []
         finished = torch.zeros(question.batch, dtype=torch.bool, device=device)
         try:
@@ -443,10 +567,14 @@ class ProxyKV:
                     logits = self.target(input_ids=tokens, position_ids=positions,
                                          use_cache=True, logits_to_keep=1,
                                          **{cache_kw: cache}).logits[:, -1].float()
+                    if penalty is not None:
+                        logits = penalty(history, logits)
                     next_token = choose(logits)
                     next_token = torch.where(finished, torch.full_like(next_token, pad_id),
                                              next_token)
                     generated.append(next_token)
+                    if history is not None:
+                        history = torch.cat([history, next_token.unsqueeze(1)], dim=1)
                     if eos:
                         finished |= torch.isin(next_token, eos_ids)
                         if bool(finished.all()):
@@ -457,6 +585,41 @@ class ProxyKV:
             cache.restore()
         return torch.cat([question.ids.to(input_ids.dtype),
                           torch.stack(generated, dim=1).to(input_ids.dtype)], dim=1)
+
+    def _decoding(self, do_sample, temperature, top_k, top_p, repetition_penalty, generator):
+        """``(choose(logits) -> ids, penalty(ids, logits) -> logits or None)`` from the arguments,
+        each None falling back to the target's ``generation_config`` (refusing what it asks for
+        that ``generate`` does not apply)."""
+        config = self.target.generation_config
+        ignored = [f"{name}={getattr(config, name)!r}"
+                   for name, neutral in _UNSUPPORTED_GENERATION.items()
+                   if getattr(config, name, None) not in (None, neutral)]
+        if ignored:
+            raise ValueError(f"the target's generation_config asks for {', '.join(ignored)}, "
+                             f"which ProxyKV.generate does not apply; set them to their defaults "
+                             f"(model.generation_config) to decode over a compressed cache")
+
+        def setting(value, name, default):
+            if value is not None:
+                return value
+            configured = getattr(config, name, None)
+            return default if configured is None else configured
+
+        do_sample = setting(do_sample, "do_sample", False)
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+        repetition_penalty = check_float("repetition_penalty",
+                                         setting(repetition_penalty, "repetition_penalty", 1.0),
+                                         minimum=0.0, exclusive_minimum=True)
+        penalty = None
+        if repetition_penalty != 1.0:
+            from transformers.generation import RepetitionPenaltyLogitsProcessor
+
+            penalty = RepetitionPenaltyLogitsProcessor(repetition_penalty)
+        choose = _token_chooser(do_sample, setting(temperature, "temperature", 1.0),
+                                setting(top_k, "top_k", 50), setting(top_p, "top_p", 1.0),
+                                generator)
+        return choose, penalty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +636,49 @@ def prefill(model, prompt: _Prompt):
         _forward(model, _cache_argument(model), prompt.ids, prompt.mask,
                  prompt.positions(prompt.mask, 0, prompt.length), cache)
     return cache
+
+
+def shares_modules_with(target, proxy) -> bool:
+    """Whether ``proxy`` uses a module or parameter of ``target`` (e.g. is the target itself, or
+    is built from its layers)."""
+    modules = {id(module) for module in target.modules()}
+    if any(id(module) in modules for module in proxy.modules()):
+        return True
+    storages = {p.untyped_storage().data_ptr() for p in target.parameters()}
+    return any(p.untyped_storage().data_ptr() in storages for p in proxy.parameters())
+
+
+def warn_if_trained_for_another_pair(aligner: Aligner, target, proxy) -> None:
+    """A ``UserWarning`` when the saved aligner records another model pair than (``target``,
+    ``proxy``): same shapes (checked before), other weights — its mapping may not transfer."""
+    metadata = getattr(aligner, "metadata", None) or {}
+    recorded = {role: metadata.get(f"{role}_fingerprint") for role in ("target", "proxy")}
+    if not any(recorded.values()):
+        return
+    from proxykv.hf.identity import model_fingerprint
+
+    source = getattr(aligner, "source", "the aligner")
+    for role, model in (("target", target), ("proxy", proxy)):
+        now = model_fingerprint(model)
+        if recorded[role] is not None and recorded[role] != now:
+            warnings.warn(f"{source} was trained for another {role} model than this one "
+                          f"({_describe(model)}; fingerprint {recorded[role][:12]} recorded, "
+                          f"{now[:12]} now): its mapping may not fit this pair; retrain with '"
+                          f"{ALIGN_TRAIN_COMMAND}'", UserWarning, stacklevel=4)
+
+
+def check_no_nan(scores: torch.Tensor, producer: str) -> None:
+    """``ValueError`` naming ``producer`` and the first NaN of ``scores`` ``[B, L, H, T]``."""
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        row, layer, head, position = nan.nonzero()[0].tolist()
+        raise ValueError(f"{producer} produced NaN scores (first at row {row}, layer {layer}, KV "
+                         f"head {head}, position {position}): its activations are NaN on this "
+                         f"prompt (check its weights and dtype)")
+
+
+def _describe(model) -> str:
+    return f"{type(model).__name__}, {_num_layers(model)} layers"
 
 
 def check_same_vocabulary(target, proxy) -> None:
@@ -529,10 +735,10 @@ def _token_chooser(do_sample: bool, temperature, top_k, top_p, generator):
     if not do_sample:
         return lambda logits: logits.argmax(dim=-1)
     temperature = check_float("temperature", temperature, minimum=0.0, exclusive_minimum=True)
-    if top_k is not None:
-        check_int("top_k", top_k, minimum=1)
-    if top_p is not None:
-        top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    top_k = check_int("top_k", top_k, minimum=0) or None  # 0: off, as in transformers
+    top_p = check_float("top_p", top_p, minimum=0.0, maximum=1.0, exclusive_minimum=True)
+    if top_p == 1.0:
+        top_p = None
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         logits = logits / temperature
@@ -550,5 +756,5 @@ def _token_chooser(do_sample: bool, temperature, top_k, top_p, generator):
     return choose
 
 
-__all__ = ["STAGES", "CompressionStats", "ProxyKV", "ScoredPrompt", "check_same_vocabulary",
-           "prefill"]
+__all__ = ["ALIGN_TRAIN_COMMAND", "STAGES", "CompressionStats", "ProxyKV", "ScoredPrompt",
+           "check_no_nan", "check_same_vocabulary", "prefill", "shares_modules_with"]

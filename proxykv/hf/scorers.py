@@ -103,6 +103,11 @@ def get_scorer(name: str, **params) -> Scorer:
     return _REGISTRY.build(name, **params)
 
 
+def scorer_takes(name: str, parameter: str) -> bool:
+    """Whether the scorer registered as ``name`` takes the keyword ``parameter``."""
+    return _REGISTRY.takes(name, parameter)
+
+
 # ----------------------------------------------------------------------------------------------
 # shared prefill machinery
 

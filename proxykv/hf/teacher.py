@@ -5,15 +5,30 @@ prompts, written to disk one prompt at a time, and read back in the form ``fit_a
     data = TeacherData("teacher/")                                 # re-iterable of pairs
     fit_aligner(get_aligner("axial", data.proxy_shape, data.target_shape), data)
 
-Layout of the folder: ``meta.json`` (the two models' ``(layers, KV heads)``, the scorers, the
-count) and one ``sample_NNNNNN.safetensors`` per prompt holding ``proxy`` float32
-``[1, Lp, Hp, T]`` and ``target`` float32 ``[1, Lt, Ht, T]`` log-scores (``to_log_scores`` of the
-scorers' attention mass). A run that stops part-way resumes after the last complete sample; a
-long run never holds more than one prompt's scores.
+Layout of the folder: ``meta.json`` and one ``sample_NNNNNN.safetensors`` per prompt holding
+``proxy`` float32 ``[1, Lp, Hp, T]`` and ``target`` float32 ``[1, Lt, Ht, T]`` log-scores
+(``to_log_scores`` of the scorers' attention mass). A long run never holds more than one prompt's
+scores.
+
+``meta.json`` (format ``proxykv-teacher`` version 2) records what the samples were computed from:
+both models' ``(layers, KV heads)``, descriptions (``describe_model``), fingerprints
+(``model_fingerprint``: class, configuration and weights) and configuration fingerprints, the two
+scorers' reprs, ``max_length``, one hash per recorded sample of its prompt's token ids (after
+tokenization and truncation), the number of prompts of the latest run (``requested``) and the
+number of samples on disk (``count``).
+
+Resuming: a run that stops part-way resumes after the last complete sample when it is given the
+same models (configuration and weights), scorers and ``max_length``, and prompts whose first
+``count`` equal the recorded samples' prompts. More prompts than before (the recorded ones first)
+resume and extend the data. Anything else -- other models, even of the same shapes, other
+scorers, another ``max_length``, other prompts, fewer prompts than samples on disk, or a folder of
+the previous format, which records no fingerprints -- raises ``ValueError`` before any scoring,
+naming what differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -24,9 +39,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from proxykv.align import to_log_scores
+from proxykv.hf.identity import config_fingerprint, describe_model, model_fingerprint
 from proxykv.hf.scorers import Scorer, _num_kv_heads, _num_layers, get_scorer
 
 META = "meta.json"
+META_FORMAT = "proxykv-teacher"
+META_VERSION = 2
+#: How ``prompt_hashes`` are computed (recorded in ``meta.json``).
+PROMPT_HASH = "blake2b-128 of the prompt's token ids as int64 little-endian"
+_FRESH = "Use another --out/--data folder or delete {folder} to start fresh."
 
 
 def _sample_path(folder: Path, index: int) -> Path:
@@ -51,6 +72,84 @@ def _as_ids(prompt, tokenizer, index: int, device) -> torch.Tensor:
     return ids.to(device)
 
 
+def _prompt_ids(prompt, tokenizer, index: int, device, max_length: int | None) -> torch.Tensor:
+    """``[1, T]`` token ids of one prompt as they are scored (tokenized, truncated)."""
+    ids = _as_ids(prompt, tokenizer, index, device)
+    return ids if max_length is None else ids[:, :max_length]
+
+
+def prompt_hash(ids) -> str:
+    """Hex hash of a prompt's token ids (any integer tensor or sequence; see ``PROMPT_HASH``): equal
+    for equal id sequences whatever their container or integer dtype."""
+    ids = torch.as_tensor(ids).detach().to("cpu", torch.int64).contiguous().reshape(-1)
+    data = ids.numpy().astype("<i8", copy=False).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    """Replace ``meta.json`` whole (a crash never leaves it half-written)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(meta, indent=1))
+    os.replace(partial, path)
+
+
+def _short(fingerprint) -> str:
+    return f"{fingerprint[:12]}…" if isinstance(fingerprint, str) else repr(fingerprint)
+
+
+def _model_difference(side: str, previous: dict, meta: dict) -> str | None:
+    """How the ``side`` ("target"/"proxy") model differs from the recorded one, or None."""
+    key = f"{side}_fingerprint"
+    if previous.get(key) == meta[key]:
+        return None
+    old, new = previous.get(side) or {}, meta[side]
+    fields = [f"{name} {old.get(name)!r} vs {new[name]!r}" for name in new
+              if old.get(name) != new[name]]
+    if fields:
+        return f"the {side} model differs ({', '.join(fields)}; recorded vs given)"
+    what = ("configuration differs" if previous.get(f"{side}_config_fingerprint")
+            != meta[f"{side}_config_fingerprint"] else "weights differ")
+    return (f"the {side}'s {what} (fingerprint {_short(previous.get(key))} recorded vs "
+            f"{_short(meta[key])} given)")
+
+
+def _differences(previous: dict, meta: dict, hashes: list[str]) -> list[str]:
+    """What keeps the folder described by ``previous`` from being resumed as ``meta`` with prompts
+    of ``hashes`` (empty: it can be resumed)."""
+    if previous.get("format") != META_FORMAT or previous.get("format_version") != META_VERSION:
+        return [("it was written in an older format that records no model or prompt "
+                 "fingerprints, so it cannot be verified to belong to these models and prompts")]
+    problems = []
+    for side in ("target", "proxy"):
+        if previous.get(f"{side}_shape") != meta[f"{side}_shape"]:
+            problems.append(f"the {side}'s (layers, KV heads) differ "
+                            f"({tuple(previous.get(f'{side}_shape') or ())} recorded vs "
+                            f"{tuple(meta[f'{side}_shape'])} given)")
+        else:
+            difference = _model_difference(side, previous, meta)
+            if difference:
+                problems.append(difference)
+    for key, what in (("teacher_scorer", "teacher scorer"), ("proxy_scorer", "proxy scorer"),
+                      ("max_length", "max_length"), ("prompt_hash", "prompt hash")):
+        if previous.get(key) != meta[key]:
+            problems.append(f"the {what} differs ({previous.get(key)!r} recorded vs "
+                            f"{meta[key]!r} given)")
+    recorded = previous.get("prompt_hashes")
+    count = previous.get("count")
+    if not isinstance(recorded, list) or not isinstance(count, int) or len(recorded) != count:
+        problems.append("its prompt hashes do not match its sample count")
+    elif len(hashes) < count:
+        problems.append(f"it holds {count} recorded samples but only {len(hashes)} prompts are "
+                        f"given")
+    else:
+        pairs = zip(recorded, hashes[:count], strict=True)
+        first = next((i for i, (old, new) in enumerate(pairs) if old != new), None)
+        if first is not None:
+            problems.append(f"the prompts differ from sample {first} on (prompts[{first}] is not "
+                            f"the prompt recorded as {_sample_path(Path(), first).name})")
+    return problems
+
+
 def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
                           teacher_scorer: str | Scorer = "reconstruction",
                           proxy_scorer: str | Scorer | None = None, tokenizer=None,
@@ -60,13 +159,20 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
     Args:
         target, proxy: transformers models of one family (same vocabulary).
         prompts: texts (with ``tokenizer``), id sequences or 1-D/``[1, T]`` id tensors.
-        out: the folder (created; an existing one with the same models and scorers is resumed).
+        out: the folder (created). A folder that already holds teacher data is resumed when its
+            ``meta.json`` records the same models (configuration and weights: their
+            ``model_fingerprint``), scorers and ``max_length``, and its samples' prompts are the
+            first prompts given now; more prompts than recorded extend the data.
         teacher_scorer: the target's scorer (default KVzip's ``reconstruction``).
         proxy_scorer: the proxy's scorer (default: the teacher's).
         max_length: truncate longer prompts to their first ``max_length`` tokens.
         progress: a progress bar on stderr.
 
-    Returns the folder. Raises ``ValueError`` if the folder holds data of other models/scorers.
+    Returns the folder. Raises ``ValueError`` before any scoring when the folder holds data that
+    cannot be resumed with these inputs (other models, even of the same shapes, other scorers or
+    ``max_length``, other or fewer prompts, a ``meta.json`` of the previous format), naming what
+    differs; and when a prompt is not valid (every prompt is read before any scoring).
+    Fingerprinting reads every weight of both models once (about 1 GB/s).
     """
     from tqdm.auto import tqdm
 
@@ -76,29 +182,42 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
     teacher = get_scorer(teacher_scorer) if isinstance(teacher_scorer, str) else teacher_scorer
     proxy_scorer = teacher if proxy_scorer is None else proxy_scorer
     proxy_scorer = get_scorer(proxy_scorer) if isinstance(proxy_scorer, str) else proxy_scorer
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"proxy_shape": [_num_layers(proxy), _num_kv_heads(proxy)],
+    prompts = list(prompts)
+    hashes = [prompt_hash(_prompt_ids(prompt, tokenizer, index, "cpu", max_length))
+              for index, prompt in enumerate(prompts)]
+    meta = {"format": META_FORMAT, "format_version": META_VERSION,
+            "proxy_shape": [_num_layers(proxy), _num_kv_heads(proxy)],
             "target_shape": [_num_layers(target), _num_kv_heads(target)],
+            "target": describe_model(target), "proxy": describe_model(proxy),
+            "target_fingerprint": model_fingerprint(target),
+            "target_config_fingerprint": config_fingerprint(target),
+            "proxy_fingerprint": model_fingerprint(proxy),
+            "proxy_config_fingerprint": config_fingerprint(proxy),
             "teacher_scorer": repr(teacher), "proxy_scorer": repr(proxy_scorer),
-            "max_length": max_length, "count": 0}
+            "max_length": max_length, "prompt_hash": PROMPT_HASH, "requested": len(prompts),
+            "count": 0, "prompt_hashes": []}
+    folder = Path(out)
     meta_path = folder / META
     if meta_path.exists():
-        previous = json.loads(meta_path.read_text())
-        differing = [k for k in meta if k != "count" and previous.get(k) != meta[k]]
-        if differing:
-            raise ValueError(f"{folder} holds teacher data of other models or scorers "
-                             f"({', '.join(differing)} differ); use another folder")
-        meta["count"] = int(previous.get("count", 0))
-    prompts = list(prompts)
+        try:
+            previous = json.loads(meta_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{meta_path} is not a teacher-data description ({error}). "
+                             f"{_FRESH.format(folder=folder)}") from None
+        problems = (_differences(previous, meta, hashes) if isinstance(previous, dict)
+                    else ["its meta.json is not a JSON object"])
+        if problems:
+            raise ValueError(f"{folder} holds teacher data that this run cannot resume: "
+                             f"{'; '.join(problems)}. {_FRESH.format(folder=folder)}")
+        meta["count"], meta["prompt_hashes"] = previous["count"], previous["prompt_hashes"]
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_meta(meta_path, meta)  # claims the folder for these inputs before the first sample
     devices = (target.get_input_embeddings().weight.device,
                proxy.get_input_embeddings().weight.device)
-    bar = tqdm(total=len(prompts), initial=min(meta["count"], len(prompts)),
-               desc="teacher scores", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(prompts), initial=meta["count"], desc="teacher scores",
+               disable=not progress, file=sys.stderr)
     for index in range(meta["count"], len(prompts)):
-        ids = _as_ids(prompts[index], tokenizer, index, devices[0])
-        if max_length is not None:
-            ids = ids[:, :max_length]
+        ids = _prompt_ids(prompts[index], tokenizer, index, devices[0], max_length)
         target_scores, _ = teacher.score(target, ids)
         proxy_scores, _ = proxy_scorer.score(proxy, ids.to(devices[1]))
         tensors = {"proxy": to_log_scores(proxy_scores).cpu().contiguous(),
@@ -108,11 +227,10 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
         save_file(tensors, str(partial))
         os.replace(partial, path)  # a sample is on disk whole or not at all
         meta["count"] = index + 1
-        meta_path.write_text(json.dumps(meta, indent=1))
+        meta["prompt_hashes"].append(hashes[index])
+        _write_meta(meta_path, meta)
         bar.update(1)
     bar.close()
-    if not meta_path.exists():
-        meta_path.write_text(json.dumps(meta, indent=1))
     return folder
 
 
@@ -157,4 +275,4 @@ class TeacherData:
         return TeacherData(self.folder, train), TeacherData(self.folder, held)
 
 
-__all__ = ["TeacherData", "record_teacher_scores"]
+__all__ = ["TeacherData", "prompt_hash", "record_teacher_scores"]

@@ -19,6 +19,10 @@ def load_tokenizer(path):
     ``tokenizer_config.json`` names ``TokenizersBackend``/``PreTrainedTokenizerFast`` is therefore
     loaded with that class, exactly as saved; any other with ``AutoTokenizer``. (A folder without
     tokenizer files gets None: ``AutoTokenizer`` would build an empty tokenizer for it.)
+
+    The zoo's folders no longer need this (``proxykv.zoo.tokenizer.save_tokenizer`` saves them so
+    that plain ``AutoTokenizer`` loads them as saved); it stays for other folders, e.g. ones saved
+    with plain ``save_pretrained`` or before that change.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

@@ -105,16 +105,9 @@ class Policy(ABC):
         """
         scores = check_scores(scores)
         batch, layers, heads, seq_len = scores.shape
-        per_head = resolve_budget(seq_len, keep_ratio, budget, needs_budget=self.needs_budget,
-                                  policy_name=repr(self))
-        self.check_seq_len(seq_len)
+        per_head = self.check_applicable(seq_len, keep_ratio=keep_ratio, budget=budget)
         row_budget = None
         if per_head is not None:
-            required = self.required_budget(seq_len)
-            if per_head < required:
-                source = f" (from keep_ratio={keep_ratio!r})" if keep_ratio is not None else ""
-                raise ValueError(f"budget={per_head}{source} is smaller than the {required} "
-                                 f"positions per head that {self!r} always keeps")
             row_budget = torch.full((batch, layers, heads), per_head, dtype=torch.int64,
                                     device=scores.device)
         with _inputs_checked():
@@ -130,6 +123,24 @@ class Policy(ABC):
         values in ``[0, T]`` (read as int64) for a policy that spends a budget, None for an
         adaptive one. That costs up to two device syncs; ``select`` checks once.
         """
+
+    def check_applicable(self, seq_len: int, *, keep_ratio: float | None = None,
+                         budget: int | None = None) -> int | None:
+        """The per-head budget ``select`` would spend on ``T = seq_len`` positions (None for an
+        adaptive policy), without any scores: what a caller checks before computing them.
+
+        Raises ``ValueError``/``TypeError`` as ``select`` does for the budget and the policy's
+        parameters (a budget past ``T``, below the protected positions, a window past ``T``)."""
+        per_head = resolve_budget(seq_len, keep_ratio, budget, needs_budget=self.needs_budget,
+                                  policy_name=repr(self))
+        self.check_seq_len(seq_len)
+        if per_head is not None:
+            required = self.required_budget(seq_len)
+            if per_head < required:
+                source = f" (from keep_ratio={keep_ratio!r})" if keep_ratio is not None else ""
+                raise ValueError(f"budget={per_head}{source} is smaller than the {required} "
+                                 f"positions per head that {self!r} always keeps")
+        return per_head
 
     def required_budget(self, seq_len: int) -> int:
         """Positions per head this policy keeps whatever the scores (its protected set)."""

@@ -34,9 +34,9 @@ def load_model(name: str, **kwargs):
 
 
 def load_tokenizer(name: str = "target"):
-    """The tokenizer saved beside zoo model ``name`` (``proxykv.hf.tokenizers.load_tokenizer``:
-    ``PreTrainedTokenizerFast.from_pretrained(path)``; transformers 5's ``AutoTokenizer`` would
-    rebuild it as a Qwen2 BPE tokenizer)."""
+    """The tokenizer saved beside zoo model ``name`` (``proxykv.hf.tokenizers.load_tokenizer``;
+    ``AutoTokenizer.from_pretrained(weights_path(name))`` gives the same tokenizer, see
+    ``proxykv.zoo.tokenizer.save_tokenizer``)."""
     from proxykv.hf.tokenizers import load_tokenizer
 
     return load_tokenizer(weights_path(name))

@@ -374,14 +374,63 @@ def plot(records: list[dict], path) -> None:
     plt.close(fig)
 
 
-def load_pair(target_path=None, proxy_path=None, aligner_paths: dict | None = None,
-              device="cpu"):
-    """The models, tokenizer and aligners of an evaluation: the zoo's by default."""
+def aligner_folders(folders) -> dict[str, str]:
+    """``{kind: folder}`` of saved aligners, each labelled by the ``aligner`` name of its own
+    ``config.json`` (``proxykv.align.read_config``), whatever the folder is called: a ``linear``
+    aligner is ``"linear"`` (run by ``proxykv_linear``) and an ``axial`` one ``"axial"``
+    (``proxykv_axial``, ``proxykv_axial_head_budget``).
+
+    Raises ``FileNotFoundError`` for a folder without ``config.json`` and ``ValueError`` for one
+    whose config is not an aligner's, for a kind no method reads from a folder (see
+    :data:`TRAINED_ALIGNERS`), and for two folders of one kind.
+    """
+    from proxykv.align import read_config
+
+    found: dict[str, str] = {}
+    for folder in folders:
+        kind = read_config(folder)["aligner"]
+        if kind not in TRAINED_ALIGNERS:
+            runs = "; ".join(f"{k}: {', '.join(m for m in METHODS if METHODS[m].aligner == k)}"
+                             for k in TRAINED_ALIGNERS)
+            raise ValueError(f"{folder} holds a {kind!r} aligner, which no method evaluates from "
+                             f"a folder; the trained kinds are {', '.join(TRAINED_ALIGNERS)} "
+                             f"({runs})")
+        if kind in found:
+            raise ValueError(f"{found[kind]} and {folder} both hold a {kind!r} aligner; give one "
+                             f"folder per kind")
+        found[kind] = str(folder)
+    return found
+
+
+def load_pair(target_path=None, proxy_path=None, aligner_paths=None, device="cpu"):
+    """The models, tokenizer and aligners of an evaluation: the zoo's by default.
+
+    ``aligner_paths``: saved aligner folders (an iterable), each labelled by its own config
+    (:func:`aligner_folders`); or, as before, a ``{kind: folder or None}`` dict, whose kinds must
+    agree with the folders' configs. None: the zoo's committed aligners for the zoo's pair (both
+    paths None), none for another pair (the zoo's would not fit its shapes). The aligners are
+    checked before any model is loaded.
+    """
     from transformers import AutoModelForCausalLM
 
     from proxykv.hf.tokenizers import load_tokenizer
     from proxykv.zoo import WEIGHTS_DIR, weights_path
 
+    zoo_pair = not target_path and not proxy_path
+    if aligner_paths is None:
+        folders = [WEIGHTS_DIR / f"aligner_{kind}" for kind in TRAINED_ALIGNERS] if zoo_pair \
+            else []
+        folders = [folder for folder in folders if folder.is_dir()]
+    elif isinstance(aligner_paths, dict):
+        folders = [folder for folder in aligner_paths.values() if folder is not None]
+    else:
+        folders = list(aligner_paths)
+    aligners = aligner_folders(folders)
+    if isinstance(aligner_paths, dict):
+        for kind, folder in aligner_paths.items():
+            if folder is not None and aligners.get(kind) != str(folder):
+                held = next(k for k, f in aligners.items() if f == str(folder))
+                raise ValueError(f"{folder} holds a {held!r} aligner, not {kind!r}")
     target_path = Path(target_path) if target_path else weights_path("target")
     proxy_path = Path(proxy_path) if proxy_path else weights_path("proxy")
     target = AutoModelForCausalLM.from_pretrained(str(target_path)).to(device).eval()
@@ -389,12 +438,6 @@ def load_pair(target_path=None, proxy_path=None, aligner_paths: dict | None = No
     tokenizer = load_tokenizer(target_path)
     if tokenizer is None:
         raise ValueError(f"{target_path} holds no tokenizer; the tasks are given as text")
-    aligners = {}
-    paths = aligner_paths if aligner_paths is not None else {
-        name: WEIGHTS_DIR / f"aligner_{name}" for name in TRAINED_ALIGNERS}
-    for name, path in paths.items():
-        if path is not None and Path(path).is_dir():
-            aligners[name] = str(path)
     return target, proxy, tokenizer, aligners
 
 
