@@ -20,7 +20,7 @@ DEMO_SEED_INDEX = 0
 def run_demo(keep_ratio: float = 0.3, device="cpu", length: int = 1024, out=print) -> dict:
     """Run the demo, printing as it goes; returns the figures (for tests)."""
     from proxykv.hf import ProxyKV, get_scorer
-    from proxykv.zoo.evaluate import load_pair
+    from proxykv.zoo.evaluate import GREEDY, load_pair
 
     start = time.perf_counter()
     target, proxy, tokenizer, aligners = load_pair(device=device)
@@ -52,8 +52,8 @@ def run_demo(keep_ratio: float = 0.3, device="cpu", length: int = 1024, out=prin
             q_ids = tokenizer(q_text, add_special_tokens=False,
                               return_tensors="pt")["input_ids"].to(device)
             n = len(answer)
-            got_full = tokenizer.decode(full_pipe.generate(q_ids, n, cache=full)[0, -n:])
-            got_comp = tokenizer.decode(pipe.generate(q_ids, n, cache=cache)[0, -n:])
+            got_full = tokenizer.decode(full_pipe.generate(q_ids, n, cache=full, **GREEDY)[0, -n:])
+            got_comp = tokenizer.decode(pipe.generate(q_ids, n, cache=cache, **GREEDY)[0, -n:])
             results["correct_full"] += got_full == expected
             results["correct_compressed"] += got_comp == expected
             results["questions"].append((q_text, expected, got_full, got_comp))

@@ -39,6 +39,8 @@ KEEP_RATIOS = (0.1, 0.2, 0.3, 0.5)
 #: the repeat prompt of the reconstruction scorer when the tokenizer knows this word
 ZOO_REPEAT_WORD = "<repeat>"
 DECODE_TOKENS = 16
+#: answers are the greedy ones, whatever sampling a model's generation_config asks for
+GREEDY = {"do_sample": False, "repetition_penalty": 1.0}
 
 
 @dataclass(frozen=True)
@@ -215,12 +217,12 @@ def _ask(pipe, cache, sample, tokenizer, device, time_decode: bool):
         q_ids = _tokenize(tokenizer, T.render(question), device)
         expected = T.render(answer).split()
         if q_index == 0:
-            _, first = _timed(lambda: pipe.generate(q_ids, 1, cache=cache), device)
+            _, first = _timed(lambda: pipe.generate(q_ids, 1, cache=cache, **GREEDY), device)
             if time_decode:
                 _, long = _timed(lambda: pipe.generate(q_ids, DECODE_TOKENS + 1, cache=cache,
-                                                       eos_token_id=[]), device)
+                                                       eos_token_id=[], **GREEDY), device)
                 decode = DECODE_TOKENS / max(1e-9, long - first)
-        out = pipe.generate(q_ids, len(expected) + 1, cache=cache)
+        out = pipe.generate(q_ids, len(expected) + 1, cache=cache, **GREEDY)
         correct.append(_words(tokenizer, out[0, q_ids.shape[1]:])[:len(expected)] == expected)
     return correct, first, decode
 
