@@ -37,50 +37,50 @@ SEED_LIMIT = 2**63
 MIN_EVAL_LENGTH = 32
 
 
-def _int_in(minimum: int, maximum: int | None = None):
-    """An argparse type: an integer in ``[minimum, maximum)`` (``maximum`` None: no bound)."""
-    if maximum is None:
-        wanted = f"an integer >= {minimum}"
-    elif maximum == SEED_LIMIT:
-        wanted = f"an integer in [{minimum}, 2**63)"
-    else:
-        wanted = f"an integer in [{minimum}, {maximum})"
+def _ranged(convert, wanted: str, accepts):
+    """An argparse type: ``convert(text)`` (a ``ValueError`` there or a value ``accepts`` refuses
+    is reported as "must be WANTED")."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value >= maximum):
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
-        return value
-
-    parse.__name__ = wanted
-    return parse
-
-
-def _float_in(low: float, high: float | None = None, *, high_inclusive: bool = True):
-    """An argparse type: a finite number ``> low`` and ``<= high`` (``< high`` unless
-    ``high_inclusive``; ``high`` None: no upper bound). NaN and infinities are refused."""
-    if high is None:
-        wanted = f"a finite number > {low:g}"
-    else:
-        wanted = f"a number in ({low:g}, {high:g}{']' if high_inclusive else ')'}"
-
-    def parse(text: str) -> float:
-        import math
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
-        if not math.isfinite(value) or value <= low or (
-                high is not None and (value > high or (value == high and not high_inclusive))):
+        if not accepts(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
 
     parse.__name__ = wanted
     return parse
+
+
+def _int_in(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in ``[minimum, maximum)`` (``maximum`` None: no bound)."""
+    if maximum is None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        shown = "2**63" if maximum == SEED_LIMIT else maximum
+        wanted = f"an integer in [{minimum}, {shown})"
+    return _ranged(int, wanted,
+                   lambda value: value >= minimum and (maximum is None or value < maximum))
+
+
+def _float_in(low: float, high: float | None = None, *, high_inclusive: bool = True):
+    """An argparse type: a finite number ``> low`` and ``<= high`` (``< high`` unless
+    ``high_inclusive``; ``high`` None: no upper bound). NaN and infinities are refused."""
+    import math
+
+    if high is None:
+        wanted = f"a finite number > {low:g}"
+    else:
+        wanted = f"a number in ({low:g}, {high:g}{']' if high_inclusive else ')'}"
+
+    def accepts(value: float) -> bool:
+        if not math.isfinite(value) or value <= low:
+            return False
+        return high is None or value < high or (value == high and high_inclusive)
+
+    return _ranged(float, wanted, accepts)
 
 
 def _one_of(names, what: str):
@@ -363,10 +363,7 @@ def _align_train(args: argparse.Namespace) -> int:
                                   teacher_scorer=scorer, max_length=args.max_length)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        data = TeacherData(data_dir)
-        if len(data) < 2:
-            raise UsageError(f"--prompts: need at least 2 prompts (one is held out), got "
-                             f"{len(data)}")
+        data = TeacherData(data_dir)  # one sample per prompt: at least 2, checked above
         # every round(1/F)-th sample held out (at least one, at most half)
         every = max(2, round(1 / args.val_fraction)) if args.val_fraction * len(data) >= 1 \
             else len(data)
@@ -456,11 +453,8 @@ def _check_eval_length(length: int, methods, keep_ratios, configs) -> None:
             raise UsageError(f"--length {length}: the models take {positions} positions "
                              f"(max_position_embeddings) and {why}, so --length can be at most "
                              f"{max(most, 0)}")
-    import torch
-
     from proxykv.policies import get_policy
 
-    scores = torch.zeros(1, 1, 1, length)
     for name in methods:
         method = METHODS[name]
         if method.keep_everything:
@@ -468,7 +462,7 @@ def _check_eval_length(length: int, methods, keep_ratios, configs) -> None:
         policy = get_policy(method.policy, **method.policy_params)
         for ratio in keep_ratios:
             try:
-                policy.select(scores, keep_ratio=ratio)
+                policy.check_applicable(length, keep_ratio=ratio)
             except ValueError as error:
                 raise UsageError(f"--length {length} at keep ratio {ratio:g}: {name} cannot "
                                  f"select ({error}); give a longer --length, larger "
@@ -484,16 +478,16 @@ def _eval(args: argparse.Namespace) -> int:
     _require_available(args.device)
     _need_transformers("eval")
     from proxykv.align import read_config
-    from proxykv.zoo import WEIGHTS_DIR, weights_path
+    from proxykv.zoo import weights_path
     from proxykv.zoo.evaluate import (
         KEEP_RATIOS,
-        TRAINED_ALIGNERS,
         EvalConfig,
         aligner_folders,
         load_pair,
         markdown_table,
         plot,
         run_eval,
+        zoo_aligner_folders,
     )
 
     # the pair: both folders of one's own, or neither (the zoo's)
@@ -523,8 +517,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {folder}: no such folder")
     folders = [folder for _, folder in given]
     if not given and zoo:
-        folders = [WEIGHTS_DIR / f"aligner_{kind}" for kind in TRAINED_ALIGNERS
-                   if (WEIGHTS_DIR / f"aligner_{kind}").is_dir()]
+        folders = zoo_aligner_folders()
     try:
         aligners = aligner_folders(folders)
     except (FileNotFoundError, ValueError) as error:

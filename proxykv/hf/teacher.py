@@ -183,8 +183,10 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
     proxy_scorer = teacher if proxy_scorer is None else proxy_scorer
     proxy_scorer = get_scorer(proxy_scorer) if isinstance(proxy_scorer, str) else proxy_scorer
     prompts = list(prompts)
-    hashes = [prompt_hash(_prompt_ids(prompt, tokenizer, index, "cpu", max_length))
-              for index, prompt in enumerate(prompts)]
+    # every prompt read (and checked) once, before any scoring; token ids are small
+    prompt_ids = [_prompt_ids(prompt, tokenizer, index, "cpu", max_length)
+                  for index, prompt in enumerate(prompts)]
+    hashes = [prompt_hash(ids) for ids in prompt_ids]
     meta = {"format": META_FORMAT, "format_version": META_VERSION,
             "proxy_shape": [_num_layers(proxy), _num_kv_heads(proxy)],
             "target_shape": [_num_layers(target), _num_kv_heads(target)],
@@ -217,7 +219,7 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
     bar = tqdm(total=len(prompts), initial=meta["count"], desc="teacher scores",
                disable=not progress, file=sys.stderr)
     for index in range(meta["count"], len(prompts)):
-        ids = _prompt_ids(prompts[index], tokenizer, index, devices[0], max_length)
+        ids = prompt_ids[index].to(devices[0])
         target_scores, _ = teacher.score(target, ids)
         proxy_scores, _ = proxy_scorer.score(proxy, ids.to(devices[1]))
         tensors = {"proxy": to_log_scores(proxy_scores).cpu().contiguous(),

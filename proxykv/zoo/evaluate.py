@@ -404,35 +404,30 @@ def aligner_folders(folders) -> dict[str, str]:
     return found
 
 
+def zoo_aligner_folders() -> list:
+    """The folders of the zoo's committed trained aligners (those present)."""
+    from proxykv.zoo import WEIGHTS_DIR
+
+    folders = [WEIGHTS_DIR / f"aligner_{kind}" for kind in TRAINED_ALIGNERS]
+    return [folder for folder in folders if folder.is_dir()]
+
+
 def load_pair(target_path=None, proxy_path=None, aligner_paths=None, device="cpu"):
     """The models, tokenizer and aligners of an evaluation: the zoo's by default.
 
     ``aligner_paths``: saved aligner folders (an iterable), each labelled by its own config
-    (:func:`aligner_folders`); or, as before, a ``{kind: folder or None}`` dict, whose kinds must
-    agree with the folders' configs. None: the zoo's committed aligners for the zoo's pair (both
-    paths None), none for another pair (the zoo's would not fit its shapes). The aligners are
-    checked before any model is loaded.
+    (:func:`aligner_folders`). None: the zoo's committed aligners for the zoo's pair (both paths
+    None), none for another pair (the zoo's would not fit its shapes). The aligners are checked
+    before any model is loaded.
     """
     from transformers import AutoModelForCausalLM
 
     from proxykv.hf.tokenizers import load_tokenizer
-    from proxykv.zoo import WEIGHTS_DIR, weights_path
+    from proxykv.zoo import weights_path
 
-    zoo_pair = not target_path and not proxy_path
     if aligner_paths is None:
-        folders = [WEIGHTS_DIR / f"aligner_{kind}" for kind in TRAINED_ALIGNERS] if zoo_pair \
-            else []
-        folders = [folder for folder in folders if folder.is_dir()]
-    elif isinstance(aligner_paths, dict):
-        folders = [folder for folder in aligner_paths.values() if folder is not None]
-    else:
-        folders = list(aligner_paths)
-    aligners = aligner_folders(folders)
-    if isinstance(aligner_paths, dict):
-        for kind, folder in aligner_paths.items():
-            if folder is not None and aligners.get(kind) != str(folder):
-                held = next(k for k, f in aligners.items() if f == str(folder))
-                raise ValueError(f"{folder} holds a {held!r} aligner, not {kind!r}")
+        aligner_paths = zoo_aligner_folders() if not target_path and not proxy_path else []
+    aligners = aligner_folders(aligner_paths)
     target_path = Path(target_path) if target_path else weights_path("target")
     proxy_path = Path(proxy_path) if proxy_path else weights_path("proxy")
     target = AutoModelForCausalLM.from_pretrained(str(target_path)).to(device).eval()
