@@ -24,7 +24,10 @@ keep 1.0 the SDPA baseline is checked to compute the same attention.
 
 Also timed, at keep 0.3: one decode step of a ``RaggedKVCache`` (append the token's K/V, then
 attend) and one question step (append the question's 128 rows, attend with its 128 queries,
-``crop(128)`` back to the compressed context).
+``crop(128)`` back to the compressed context); and each op with the attention features on
+(``+features``: Gemma 2's logit soft-capping at 50, gpt-oss-style sinks and a 4096-token sliding
+window over the kept rows' original positions), checked like the plain case (reference slices
+with the same features), with the plain op's time as the baseline (the features' cost).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ SPLIT_SWEEP = [256, 512, 1024, 2048, 4096]  # keys per split (GPU)
 PEAK_GB_PER_S = 4800.0  # H200 HBM3e
 CHECK_SEGMENTS = 2  # segments the reference check covers
 CHECK_TOKENS = 4  # first and last tokens of a question the reference check covers
+SOFTCAP, WINDOW = 50.0, 4096  # the +features case: Gemma 2's cap, its sliding window
 
 
 # ------------------------------------------------------------------------ SDPA over the full cache
@@ -128,6 +132,7 @@ class _Case:
     k_packed: torch.Tensor      # [N, D] kept context rows then the new rows, per segment
     v_packed: torch.Tensor
     cu_seqlens: torch.Tensor    # int32 [B * H_kv + 1]
+    positions: torch.Tensor     # int32 [N] original position of every packed row
     longest: int
     expected: torch.Tensor      # fp32 [B, H_q, T_new, D]: ragged_attention(impl="torch") in fp32
     shape: dict
@@ -161,26 +166,31 @@ def _build_case(name: str, k_ctx, v_ctx, context_mask, keep: float, num_new: int
     view = Selection.from_mask(torch.cat([context_mask, new_rows], -1)).to_ragged().layer(0)
     k_packed, v_packed = gather_kv_ragged(k_full, v_full, view.indices, view.cu_seqlens, impl=impl)
     cu_seqlens = view.cu_seqlens.to(torch.int32)
+    positions = view.indices.to(torch.int32)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     expected = ragged_attention(q.float(), k_packed.float(), v_packed.float(), cu_seqlens,
                                 impl="torch")
     shape = {"B": batch, "H_q": H_Q, "H_kv": H_KV, "T": seq_len, "T_new": num_new, "D": HEAD_DIM,
              "keep": keep, "budgets": "per-head" if keep < 1.0 else "all"}
     return _Case(name, q, k_ctx, v_ctx, k_new, v_new, k_full, v_full, context_mask, k_packed,
-                 v_packed, cu_seqlens, longest, expected, shape)
+                 v_packed, cu_seqlens, positions, longest, expected, shape)
 
 
-def _check_reference_slices(out: torch.Tensor, case: _Case, dtype: torch.dtype) -> None:
+def _check_reference_slices(out: torch.Tensor, case: _Case, dtype: torch.dtype,
+                            **features) -> None:
     """``out [B, H_q, T_new, D]`` against the float64 reference on the first ``CHECK_SEGMENTS``
     segments (their query heads) and, for a question, its first and last ``CHECK_TOKENS`` tokens:
     the tokens ``lo … hi - 1`` of a segment of ``n`` rows see what they see in the whole question
-    when the segment is cut to ``n - (T_new - hi)`` rows."""
+    when the segment is cut to ``n - (T_new - hi)`` rows. ``features``: softcap, sinks (``[H_q]``),
+    window with key_positions, as given to the op."""
     cu = case.cu_seqlens[:CHECK_SEGMENTS + 1]
     heads = CHECK_SEGMENTS * GROUP
     q = case.q[:1, :heads].float()
+    if "sinks" in features:
+        features = {**features, "sinks": features["sinks"][:heads]}
     if case.num_new == 1:
         expected = ragged_decode_attention_reference(q[:, :, 0], case.k_packed.float(),
-                                                     case.v_packed.float(), cu)
+                                                     case.v_packed.float(), cu, **features)
         assert_close(out[:1, :heads, 0], expected, dtype=dtype, name=f"{case.name} vs reference")
         return
     lengths = cu[1:] - cu[:-1]
@@ -188,7 +198,7 @@ def _check_reference_slices(out: torch.Tensor, case: _Case, dtype: torch.dtype) 
     for lo, hi in ((0, few), (case.num_new - few, case.num_new)):
         expected = ragged_attention_reference(q[:, :, lo:hi], case.k_packed.float(),
                                               case.v_packed.float(), cu,
-                                              seq_lens=lengths - (case.num_new - hi))
+                                              seq_lens=lengths - (case.num_new - hi), **features)
         assert_close(out[:1, :heads, lo:hi], expected, dtype=dtype,
                      name=f"{case.name} tokens {lo}..{hi - 1} vs reference")
 
@@ -263,6 +273,7 @@ def _bench_op(recorder: Recorder, case: _Case, dtype, impl: str, variant, on_gpu
                                   "longest_segment": case.longest},
                            **_measure_kwargs(case, variant, on_gpu, case.kept_bytes))
     rows = [(f"{case.name:<8} T={case.shape['T']:>6} keep={case.shape['keep']} {impl}", row)]
+    rows += _bench_features(recorder, case, dtype, impl, attend, as_4d)
 
     for keys_per_split in SPLIT_SWEEP if sweep else []:
         plan = triton_impl.plan_ragged_attention(case.longest, case.cu_seqlens.numel() - 1,
@@ -288,6 +299,37 @@ def _bench_op(recorder: Recorder, case: _Case, dtype, impl: str, variant, on_gpu
                f"{keys_per_split}"
         rows.append((name, row))
     return rows
+
+
+def _bench_features(recorder: Recorder, case: _Case, dtype, impl: str, plain,
+                    as_4d) -> list[tuple[str, dict | None]]:
+    """The op with soft-capping, sinks and a sliding window on; baseline: the plain op."""
+    question = case.num_new > 1
+    op = ("ragged_attention" if question else "ragged_decode_attention") + "+features"
+    generator = torch.Generator().manual_seed(1)
+    features = {"softcap": SOFTCAP, "window": WINDOW, "key_positions": case.positions,
+                "sinks": (torch.randn(H_Q, generator=generator) * 2).to(case.q.device)}
+    common = {"max_seq_len": case.longest, "check_segments": False, "impl": impl, **features}
+
+    def attend():
+        if question:
+            return ragged_attention(case.q, case.k_packed, case.v_packed, case.cu_seqlens,
+                                    **common)
+        return ragged_decode_attention(case.q[:, :, 0], case.k_packed, case.v_packed,
+                                       case.cu_seqlens, **common)
+
+    def check():
+        _check_reference_slices(as_4d(attend()), case, dtype,
+                                **{n: v.cpu() if isinstance(v, torch.Tensor) else v
+                                   for n, v in features.items()})
+
+    row = recorder.measure(op, {**case.shape, "softcap": SOFTCAP, "window": WINDOW, "sinks": True},
+                           dtype, impl, attend, check=check, flops=case.flops,
+                           baseline=plain, baseline_name=f"the plain {op.split('+')[0]}",
+                           bytes_moved=case.kept_bytes,
+                           peak_gb_per_s=PEAK_GB_PER_S if case.q.is_cuda else None)
+    return [((f"{case.name:<8} T={case.shape['T']:>6} keep={case.shape['keep']} {impl} "
+             f"+features"), row)]
 
 
 def _bench_cache_step(recorder: Recorder, case: _Case, dtype, impl: str, variant,
@@ -354,8 +396,8 @@ def _bench_cache_step(recorder: Recorder, case: _Case, dtype, impl: str, variant
 
 
 def _print_summary(summary: list[tuple[str, dict | None]]) -> None:
-    print("# attend summary: median ms [p20, p80], speed-up vs torch SDPA over the full cache",
-          flush=True)
+    print("# attend summary: median ms [p20, p80], speed-up vs torch SDPA over the full cache "
+          "(+features: vs the plain op)", flush=True)
     for name, row in summary:
         if row is None:
             print(f"#   {name:<42} REFUSED", flush=True)
@@ -363,7 +405,8 @@ def _print_summary(summary: list[tuple[str, dict | None]]) -> None:
         text = (f"#   {name:<42} {row['median_ms']:9.3f} ms [{row['p20_ms']:.3f}, "
                 f"{row['p80_ms']:.3f}]")
         if "speedup" in row:
-            text += f"  x{row['speedup']:6.2f} (SDPA {row['baseline']['median_ms']:.3f} ms)"
+            base = "plain" if "+features" in name else "SDPA"
+            text += f"  x{row['speedup']:6.2f} ({base} {row['baseline']['median_ms']:.3f} ms)"
         if "fraction_of_peak_bw" in row:
             text += f"  {row['gb_per_s']:7.1f} GB/s = {100 * row['fraction_of_peak_bw']:.0f}%"
         print(text, flush=True)

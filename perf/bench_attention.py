@@ -11,6 +11,10 @@ GPU (H200 targets from the issue):
 CPU:
   (c) the torch implementation on an 8k x 8k reconstruction (8 query heads, 2 KV heads, D=64):
       time and peak memory growth (target < 512 MiB; materialising would need 2 GiB).
+Both: each case again with the attention features on (``+features``: Gemma 2's logit
+soft-capping at 50, gpt-oss-style sinks, a 4096-key sliding window), checked against the torch
+implementation (GPU) or the reference on a small slice (CPU) with the same features; baseline:
+the plain op on the same shapes (speedup < 1 = the features' cost).
 """
 
 from __future__ import annotations
@@ -32,12 +36,20 @@ from proxykv.kernels.attention.reference import attention_scores_reference  # no
 from proxykv.kernels.attention.torch_impl import attention_scores_torch  # noqa: E402
 from proxykv.testing import assert_close  # noqa: E402
 
+SOFTCAP, WINDOW = 50.0, 4096  # the +features cases: Gemma 2's cap and sliding window
 
-def _check_against_torch_impl(q, k, reduce, group_reduce, actual_fn):
+
+def _features(h_q: int, device) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    return {"softcap": SOFTCAP, "window": WINDOW,
+            "sinks": (torch.randn(h_q, generator=generator) * 2).to(device)}
+
+
+def _check_against_torch_impl(q, k, reduce, group_reduce, actual_fn, **features):
     def check():
         expected = attention_scores_torch(q, k, scale=q.shape[-1] ** -0.5, causal=True,
                                           q_offset=k.shape[2] - q.shape[2], reduce=reduce,
-                                          group_reduce=group_reduce)
+                                          group_reduce=group_reduce, **features)
         assert_close(actual_fn(), expected, dtype=q.dtype, name="attention_scores")
     return check
 
@@ -67,6 +79,8 @@ def run_gpu(recorder: Recorder, quick: bool) -> None:
             flops=2 * (2 * h_q * d * 64 * t_k),  # QK^T in both passes
             extra={"note": "gb_per_s counts K bytes of both passes; speedup = SDPA time / "
                            "scoring time"})
+        _measure_features(recorder, "attention_scores/window", q, k, "mean", "mean", op,
+                          {"B": 1, "H_q": h_q, "H_kv": h_kv, "T_q": 64, "T_k": t_k, "D": d})
     for t in ([4096] if quick else [4096, 16384, 32768]):
         q = torch.randn(1, h_q, t, d, device=device, dtype=dtype)
         k = torch.randn(1, h_kv, t, d, device=device, dtype=dtype)
@@ -83,6 +97,24 @@ def run_gpu(recorder: Recorder, quick: bool) -> None:
             flops=causal_flops,
             extra={"note": "speedup = SDPA time / scoring time (SDPA does QK^T and PV once, "
                            "scoring QK^T twice: equal FLOPs)"})
+        _measure_features(recorder, "attention_scores/reconstruction", q, k, "max", "max", op,
+                          {"B": 1, "H_q": h_q, "H_kv": h_kv, "T_q": t, "T_k": t, "D": d})
+
+
+def _measure_features(recorder: Recorder, name: str, q, k, reduce, group_reduce, plain,
+                      shape: dict) -> None:
+    """The GPU case with softcap, sinks and window on; baseline: the plain op."""
+    features = _features(q.shape[1], q.device)
+
+    def op():
+        return attention_scores(q, k, reduce=reduce, group_reduce=group_reduce, **features)
+
+    recorder.measure(
+        name + "+features", {**shape, "softcap": SOFTCAP, "window": WINDOW, "sinks": True},
+        q.dtype, "triton", op,
+        check=_check_against_torch_impl(q, k, reduce, group_reduce, op, **features),
+        baseline=plain, baseline_name="the plain op, same shapes",
+        extra={"note": "speedup = plain time / time with softcap, sinks and window"})
 
 
 _PEAK_MEMORY_PROBE = textwrap.dedent("""
@@ -133,6 +165,27 @@ def run_cpu(recorder: Recorder, quick: bool) -> None:
         check=check, flops=2 * h_q * d * t * t,
         extra={"peak_mem_mib": round(memory["peak_growth"] / 2**20, 1),
                "note": f"materialised fp32 attention would be {h_q * t * t * 4 / 2**30:.1f} GiB"})
+    features = _features(h_q, "cpu")
+    window = min(WINDOW, t // 4)  # a window that masks at either size
+
+    def check_features():
+        kwargs = {"q_offset": 0, "reduce": "max", "group_reduce": "max", "window": window // 8,
+                      "softcap": SOFTCAP, "sinks": features["sinks"]}
+        assert_close(attention_scores(small_q, small_k, impl="torch", **kwargs),
+                     attention_scores_reference(small_q, small_k, **kwargs))
+
+    recorder.measure(
+        "attention_scores/reconstruction+features",
+        {"B": 1, "H_q": h_q, "H_kv": h_kv, "T_q": t, "T_k": t, "D": d, "softcap": SOFTCAP,
+         "window": window, "sinks": True}, torch.float32, "torch",
+        lambda: attention_scores(q, k, q_offset=0, reduce="max", group_reduce="max",
+                                 impl="torch", **{**features, "window": window}),
+        check=check_features, flops=2 * h_q * d * t * t,
+        baseline=lambda: attention_scores(q, k, q_offset=0, reduce="max", group_reduce="max",
+                                          impl="torch"),
+        baseline_name="the plain op, same shapes",
+        extra={"note": "speedup = plain time / time with softcap, sinks and window (the window "
+                       "skips the keys before each chunk's first window)"})
 
 
 def run(recorder: Recorder, quick: bool) -> None:

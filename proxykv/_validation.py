@@ -229,6 +229,38 @@ def check_scale(scale, head_dim: int) -> float:
                        meaning="the factor applied to q·k, default D ** -0.5")
 
 
+SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_softcap(softcap) -> float | None:
+    """Logit soft-capping of an attention op (Gemma 2): None (off) or a finite real > 0."""
+    if softcap is None:
+        return None
+    return check_float("softcap", softcap, minimum=0.0, exclusive_minimum=True,
+                       meaning="logits become softcap * tanh(scale * q·k / softcap)")
+
+
+def check_window(window) -> int | None:
+    """A sliding-window length of an attention op: None (off) or an int in [1, 2**31 - 1] (a query
+    at position p sees keys at positions in (p - window, p])."""
+    if window is None:
+        return None
+    return check_int("window", window, minimum=1, maximum=INT32_MAX)
+
+
+def check_sinks(sinks, num_heads: int) -> torch.Tensor | None:
+    """Learned attention sinks (gpt-oss): None or a float ``[H_q]`` tensor (any float dtype; its
+    device is checked by the caller with the other tensors). Returns it as float32, contiguous.
+    Values are not read (a device sync): ``-inf`` is a head without a sink."""
+    if sinks is None:
+        return None
+    check_tensor("sinks", sinks, ndim=1, layout="[H_q]", dtypes=SINK_DTYPES)
+    if sinks.shape[0] != num_heads:
+        raise ValueError(f"sinks must have shape [H_q] = ({num_heads},) (one logit per query "
+                         f"head), got {tuple(sinks.shape)}")
+    return sinks.to(torch.float32).contiguous()
+
+
 def first_position(mask: torch.Tensor) -> tuple[int, ...] | None:
     """The multi-index of the first True of ``mask`` in row-major order, or None (one sync)."""
     flat = mask.reshape(-1)

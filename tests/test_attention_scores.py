@@ -2,6 +2,7 @@
 reference, over shapes, GQA ratios, layouts, dtypes, masks and every reduction."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -265,10 +266,33 @@ def _bad(**overrides):
         (dict(lse=torch.zeros(2, 4, 3, dtype=torch.float16)), TypeError,
          "lse must be float32, got torch.float16"),
         (dict(impl="cuda"), ValueError, "impl must be one of 'triton', 'torch' or None"),
+        ({"softcap": 0.0}, ValueError, r"softcap must be a finite float > 0 .*got 0.0"),
+        ({"softcap": -1}, ValueError, r"softcap must be a finite float > 0 .*got -1.0"),
+        ({"softcap": math.inf}, ValueError, r"softcap must be a finite float > 0 .*got inf"),
+        ({"softcap": True}, TypeError, "softcap must be a float, got bool True"),
+        ({"softcap": "50"}, TypeError, "softcap must be a float, got str '50'"),
+        ({"sinks": torch.zeros(2)}, ValueError,
+         r"sinks must have shape \[H_q\] = \(4,\) \(one logit per query head\), got \(2,\)"),
+        ({"sinks": torch.zeros(1, 4)}, ValueError,
+         r"sinks must be a 1-D tensor \[H_q\], got shape \(1, 4\)"),
+        ({"sinks": torch.zeros(4, dtype=torch.int64)}, TypeError,
+         "sinks must be float16, bfloat16, float32 or float64, got torch.int64"),
+        ({"sinks": [0.0] * 4}, TypeError, "sinks must be a torch.Tensor, got list"),
+        ({"sinks": torch.zeros(4, device="meta")}, ValueError,
+         "q and sinks must be on the same device, got cpu and meta"),
+        ({"window": 0}, ValueError, "window must be >= 1, got 0"),
+        ({"window": 2**31}, ValueError, "window must be <= 2147483647, got 2147483648"),
+        ({"window": True}, TypeError, "window must be an int, got bool True"),
+        ({"window": 4.0}, TypeError, "window must be an int, got float 4.0"),
+        ({"window": 4, "causal": False}, ValueError,
+         "window=4 needs causal=True .* got causal=False"),
     ],
     ids=["q-rank", "k-rank", "batch", "head-dim", "gqa", "q-dtype", "dtype-mismatch", "device",
          "offset-negative", "offset-past-end", "tq-gt-tk", "reduce", "group-reduce", "scale",
-         "valid-len-range", "valid-len-batch", "valid-len-dtype", "lse-shape", "lse-dtype", "impl"],
+         "valid-len-range", "valid-len-batch", "valid-len-dtype", "lse-shape", "lse-dtype", "impl",
+         "softcap-zero", "softcap-negative", "softcap-inf", "softcap-bool", "softcap-str",
+         "sinks-shape", "sinks-rank", "sinks-dtype", "sinks-list", "sinks-device", "window-zero",
+         "window-past-int32", "window-bool", "window-float", "window-noncausal"],
 )
 def test_bad_input_raises_before_running(overrides, error, message):
     q, k, kwargs = _bad(**overrides)
@@ -282,3 +306,155 @@ def test_noncausal_queries_longer_than_keys_are_fine(device):
     scores = attention_scores(q, k, causal=False, reduce="sum", impl="triton").cpu()
     assert_close(scores.sum(-1), torch.full((1, 2), 12.0), atol=1e-4, rtol=0)
     assert math.isfinite(float(scores.max()))
+
+
+# ------------------------------------------------------------- softcap, sinks, sliding window
+
+@st.composite
+def feature_cases(draw, max_t_q=48, max_t_k=140):
+    """A scoring case (always causal) with soft-capping, sinks and a sliding window, each on or
+    off: windows of 1, around a block size, about T and past T; sinks from very negative to very
+    large; caps that bite (0.5) and that barely do (30)."""
+    q, k, kwargs = draw(scoring_cases(max_t_q=max_t_q, max_t_k=max_t_k))
+    t_k, h_q = k.shape[2], q.shape[1]
+    if not kwargs["causal"]:
+        kwargs["q_offset"] = None
+        kwargs["causal"] = True
+        if q.shape[2] > t_k:
+            q = q[:, :, :t_k]
+    kwargs["softcap"] = draw(st.sampled_from([None, 0.5, 2.0, 30.0]))
+    kwargs["window"] = draw(st.none() | st.sampled_from([1, 2, 15, 16, 17, 31, 33, t_k, t_k + 5])
+                            | st.integers(1, t_k + 2))
+    sinks = draw(st.sampled_from([None, "normal", "large", "very_negative", "mixed"]))
+    if sinks is not None:
+        generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        values = {"normal": torch.randn(h_q, generator=generator) * 2,
+                  "large": torch.full((h_q,), 40.0),
+                  "very_negative": torch.full((h_q,), -80.0),
+                  "mixed": torch.tensor([-float("inf"), 3.0, -2.0, 60.0]).repeat(h_q)[:h_q]}[sinks]
+        kwargs["sinks"] = values.to(draw(st.sampled_from([torch.float32, torch.bfloat16,
+                                                          torch.float64])))
+    return q, k, kwargs
+
+
+def _on(device, kwargs):
+    return {n: v.to(device) if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@given(case=feature_cases())
+def test_features_match_reference(impl, case, device):
+    """softcap, sinks and window, alone and together, with every shape, layout, dtype, GQA ratio,
+    reduction and padding the plain cases draw (key_valid_len 0: fully masked rows)."""
+    q, k, kwargs = case
+    expected = attention_scores_reference(q, k, **kwargs)
+    actual = attention_scores(q.to(device), k.to(device), impl=impl, **_on(device, kwargs))
+    assert_close(actual, expected, dtype=q.dtype, name=f"attention_scores{kwargs}")
+
+
+@pytest.mark.parametrize("block_m, block_n, n_splits", [(16, 32, 1), (16, 32, 5), (32, 16, 3)],
+                         ids=["M16-N32-splits1", "M16-N32-splits5", "M32-N16-splits3"])
+def test_window_plans_agree(block_m, block_n, n_splits, device):
+    """The window's skipped, masked and unmasked key tiles (pass 1) and query tiles (pass 2) at
+    every split count and tile shape: T not a multiple of the tiles, windows of 1 (a query sees
+    only itself), below, at and above a tile, a padded batch row, GQA 3, soft-capped or not."""
+    generator = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 6, 45, 16, generator=generator).to(device)
+    k = torch.randn(2, 2, 131, 16, generator=generator).to(device)
+    valid = torch.tensor([131, 90], device=device)
+    sinks = torch.randn(6, generator=generator).to(device)
+    plan = triton_impl.LaunchPlan(block_m=block_m, block_n=block_n, n_splits=n_splits)
+    for window, softcap, (reduce, group_reduce) in [(1, None, ("sum", "mean")),
+                                                     (7, 1.5, ("max", "max")),
+                                                     (33, None, ("mean", "max")),
+                                                     (70, 0.7, ("max", "mean"))]:
+        kwargs = {"causal": True, "q_offset": 80, "reduce": reduce, "group_reduce": group_reduce,
+                      "key_valid_len": valid, "softcap": softcap, "window": window, "sinks": sinks}
+        actual = triton_impl.attention_scores_triton(q, k, scale=16 ** -0.5, plan=plan, **kwargs)
+        expected = attention_scores_reference(q, k, **kwargs)
+        assert_close(actual, expected, name=f"{plan} window={window} softcap={softcap}")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_feature_edge_cases(impl, device):
+    generator = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 20, 16, generator=generator).to(device)
+    k = torch.randn(1, 2, 50, 16, generator=generator).to(device)
+    plain = attention_scores(q, k, reduce="sum", impl=impl).cpu()
+    # window 1: each query sees only itself, so key 30 + i gets mass 1 from query i, others 0.
+    scores = attention_scores(q, k, reduce="sum", window=1, impl=impl).cpu()
+    assert_close(scores, (torch.arange(50) >= 30).float().expand(1, 2, 50), atol=1e-6, rtol=0,
+                 name="window=1")
+    # A window that reaches key 0 from every query masks nothing.
+    for window in (50, 51, 10**6):
+        assert_close(attention_scores(q, k, reduce="sum", window=window, impl=impl).cpu(), plain,
+                     atol=1e-6, rtol=1e-6, name=f"window={window}")
+    # Sinks: -inf is no sink (exactly), very negative is none in float32, +inf takes all the mass,
+    # very large leaves the keys almost nothing.
+    for value, expected in [(-float("inf"), plain), (-200.0, plain), (float("inf"), plain * 0)]:
+        sinks = torch.full((4,), value, device=device)
+        assert_close(attention_scores(q, k, reduce="sum", sinks=sinks, impl=impl).cpu(), expected,
+                     atol=1e-6, rtol=1e-6, name=f"sinks={value}")
+    large = attention_scores(q, k, reduce="sum", sinks=torch.full((4,), 60.0, device=device),
+                             impl=impl).cpu()
+    assert (large >= 0).all() and float(large.max()) < 1e-15
+    # softcap: capped logits lie in (-softcap, softcap), so a tiny cap makes each row uniform:
+    # query i sees keys 0..i with 1 / (i + 1) each, and key j's largest is 1 / (j + 1).
+    scores = attention_scores(q, k, q_offset=0, reduce="max", group_reduce="max", softcap=1e-6,
+                              impl=impl).cpu()
+    expected = torch.where(torch.arange(50) < 20, 1.0 / (torch.arange(50) + 1.0), 0.0)
+    assert_close(scores, expected.expand(1, 2, 50), atol=1e-5, rtol=0, name="softcap=1e-6")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_given_lse_is_over_the_keys_and_the_op_folds_the_sinks(impl, device):
+    """A caller's lse (keys only, soft-capped, windowed) with sinks gives the scores the op
+    computes itself."""
+    generator = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 4, 12, 16, generator=generator)
+    k = torch.randn(2, 2, 40, 16, generator=generator)
+    sinks = torch.randn(4, generator=generator)
+    logits = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * 0.25
+    logits = 2.0 * torch.tanh(logits / 2.0)
+    key_pos, query_pos = torch.arange(40), 28 + torch.arange(12)
+    visible = (key_pos <= query_pos[:, None]) & (key_pos > query_pos[:, None] - 9)
+    lse = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1).float()
+    kwargs = {"reduce": "max", "softcap": 2.0, "window": 9, "sinks": sinks}
+    expected = attention_scores_reference(q, k, **kwargs)
+    actual = attention_scores(q.to(device), k.to(device), lse=lse.to(device), impl=impl,
+                              **_on(device, kwargs))
+    assert_close(actual, expected, name="lse + sinks")
+
+
+def test_transformers_eager_softcap_sinks_and_window(device):
+    """The probabilities transformers' own eager attention computes — Gemma 2's soft-capping and
+    gpt-oss's sinks, each with a sliding-window mask from transformers' mask functions — summed
+    over queries and averaged over each GQA group are the scores."""
+    gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    generator = torch.Generator().manual_seed(11)
+    b, h_q, h_kv, t, d, window = 2, 4, 2, 37, 16, 9
+    q = torch.randn(b, h_q, t, d, generator=generator, dtype=torch.float64)
+    k = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64) * 2
+    v = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64)
+    positions = torch.arange(t)
+    allowed = sliding_window_causal_mask_function(window)(0, 0, positions[:, None],
+                                                          positions[None, :])
+    mask = torch.zeros(t, t, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    sinks = torch.randn(h_q, generator=generator, dtype=torch.float64)
+    module = SimpleNamespace(num_key_value_groups=h_q // h_kv, head_dim=d, training=False,
+                             sinks=sinks)
+    _, gemma_probs = gemma2.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5,
+                                                    softcap=3.0)
+    _, oss_probs = gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+    for probs, kwargs in [(gemma_probs, {"softcap": 3.0}), (oss_probs, {"sinks": sinks})]:
+        expected = probs.sum(dim=2).view(b, h_kv, h_q // h_kv, t).mean(dim=2)
+        kwargs = {name: value.float() if isinstance(value, torch.Tensor) else value
+                  for name, value in kwargs.items()}
+        for impl in ("triton", "torch"):
+            actual = attention_scores(q.float().to(device), k.float().to(device), reduce="sum",
+                                      window=window, impl=impl, **_on(device, kwargs))
+            assert_close(actual, expected, atol=1e-4, rtol=1e-4,
+                         name=f"transformers eager {kwargs.keys()} ({impl})")

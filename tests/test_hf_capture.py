@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import AttentionInterface, MistralConfig, MistralForCausalLM
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface
 
 from proxykv.hf import capture_attention, check_supported_model
@@ -117,14 +117,12 @@ def test_removed_after_exception_in_block_and_in_callback(models):
 
 
 def test_unsupported_models_raise(models):
-    mistral = MistralForCausalLM(MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=100))
-    with pytest.raises(ValueError, match="llama, qwen2, qwen3"):
-        capture_attention(mistral, lambda call: None)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*llama, mistral, qwen2"):
+        capture_attention(gpt2, lambda call: None)
     sliding = tiny_model("qwen2", num_layers=2, use_sliding_window=True, sliding_window=8,
                          max_window_layers=0)
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(ValueError, match=r"every layer attends through a sliding window \(8"):
         capture_attention(sliding, lambda call: None)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         capture_attention(torch.nn.Linear(2, 2), lambda call: None)

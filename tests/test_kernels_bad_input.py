@@ -137,8 +137,18 @@ def _scores_args(**changes):
      r"key_valid_len must lie in \[0, T_k=10\], got values in \[10, 4294967299\]"),
     (dict(key_valid_len=torch.tensor([11, 3], dtype=torch.int32)), ValueError,
      r"key_valid_len must lie in \[0, T_k=10\], got values in \[3, 11\]"),
+    ({"sinks": [0.0] * 4}, TypeError, r"^sinks must be a torch.Tensor, got list$"),
+    # The type error comes first, before the other (bad) arguments are looked at.
+    ({"sinks": torch.zeros(4, dtype=torch.int32), "window": 0, "softcap": -1.0}, TypeError,
+     r"^sinks must be float16, bfloat16, float32 or float64, got torch.int32$"),
+    ({"sinks": torch.zeros(3)}, ValueError, r"^sinks must have shape \[H_q\] = \(4,\)"),
+    ({"softcap": float("nan")}, ValueError, r"^softcap must be a finite float > 0 .*got nan$"),
+    ({"window": -3}, ValueError, r"^window must be >= 1, got -3$"),
+    ({"window": 5, "causal": False}, ValueError, r"^window=5 needs causal=True"),
 ], ids=["B0", "H0", "Tq0", "D0", "Hkv0", "Tk0", "valid-len-list", "valid-len-int",
-        "valid-len-list-first", "lse-list", "valid-len-past-int32", "valid-len-past-Tk"])
+        "valid-len-list-first", "lse-list", "valid-len-past-int32", "valid-len-past-Tk",
+        "sinks-list", "sinks-dtype-first", "sinks-shape", "softcap-nan", "window-negative",
+        "window-noncausal"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_attention_scores_bad_input(changes, error, message, impl, monkeypatch):
     def forbidden(*args, **kwargs):
@@ -273,6 +283,79 @@ def test_every_attention_op_follows_the_scale_rule(scale, error, message, no_ker
         ragged_decode_attention(**_decode_args(), scale=scale, impl="triton")
     with pytest.raises(error, match=message):
         _small_cache(impl="torch").attend(0, torch.zeros(1, 4, 4), scale=scale, impl="triton")
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"softcap": "x"}, TypeError, r"^softcap must be a float, got str 'x'$"),
+    ({"softcap": True}, TypeError, r"^softcap must be a float, got bool True$"),
+    ({"softcap": 0.0}, ValueError, r"^softcap must be a finite float > 0 .*got 0.0$"),
+    ({"softcap": -2}, ValueError, r"^softcap must be a finite float > 0 .*got -2.0$"),
+    ({"softcap": math.inf}, ValueError, r"^softcap must be a finite float > 0 .*got inf$"),
+    ({"window": True}, TypeError, r"^window must be an int, got bool True$"),
+    ({"window": 3.0}, TypeError, r"^window must be an int, got float 3.0$"),
+    ({"window": 0}, ValueError, r"^window must be >= 1, got 0$"),
+    ({"window": 2**31}, ValueError, r"^window must be <= 2147483647, got 2147483648$"),
+    ({"sinks": torch.zeros(3)}, ValueError,
+     r"^sinks must have shape \[H_q\] = \(4,\) \(one logit per query head\), got \(3,\)$"),
+    ({"sinks": torch.zeros(4, dtype=torch.int64)}, TypeError,
+     r"^sinks must be float16, bfloat16, float32 or float64, got torch.int64$"),
+    ({"sinks": torch.zeros(4, 1)}, ValueError,
+     r"^sinks must be a 1-D tensor \[H_q\], got shape \(4, 1\)$"),
+    ({"sinks": [1.0]}, TypeError, r"^sinks must be a torch.Tensor, got list$"),
+], ids=["softcap-str", "softcap-bool", "softcap-zero", "softcap-negative", "softcap-inf",
+        "window-bool", "window-float", "window-zero", "window-past-int32", "sinks-shape",
+        "sinks-dtype", "sinks-rank", "sinks-list"])
+def test_every_attention_op_follows_the_feature_rules(changes, error, message, no_kernel_runs,
+                                                      monkeypatch):
+    """softcap, window and sinks follow one rule in every attention op (H_q = 4 everywhere)."""
+    from proxykv.kernels import ragged_attention
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a kernel ran on bad input")
+
+    monkeypatch.setattr(decode_triton, "ragged_attention_triton", forbidden)
+    monkeypatch.setattr("proxykv.kernels.attention.triton_impl.attention_scores_triton",
+                        forbidden)
+    positions = {"key_positions": torch.arange(9)} if "window" in changes else {}
+    with pytest.raises(error, match=message):
+        attention_scores(torch.zeros(1, 4, 3, 4), torch.zeros(1, 2, 5, 4), impl="triton",
+                         **changes)
+    with pytest.raises(error, match=message):
+        ragged_decode_attention(**_decode_args(q=torch.zeros(1, 4, 8)), impl="triton",
+                                num_kv_heads=4, **positions, **changes)
+    with pytest.raises(error, match=message):
+        ragged_attention(torch.zeros(1, 4, 2, 8), torch.zeros(9, 8), torch.zeros(9, 8),
+                         torch.tensor([0, 2, 4, 7, 9], dtype=torch.int32), impl="triton",
+                         **positions, **changes)
+    with pytest.raises(error, match=message):
+        _small_cache(impl="torch").attend(0, torch.zeros(1, 4, 4), impl="triton", **changes)
+
+
+def test_a_window_needs_the_positions_of_the_rows(no_kernel_runs):
+    with pytest.raises(ValueError, match=r"^window=8 needs key_positions \(the original position "
+                                         r"of every packed row"):
+        ragged_decode_attention(**_decode_args(), window=8, impl="triton")
+    with pytest.raises(ValueError, match=r"^key_positions must have shape \[N\] = \(9,\)"):
+        ragged_decode_attention(**_decode_args(), window=8, key_positions=torch.arange(10),
+                                impl="triton")
+
+
+def test_the_cache_passes_its_positions_only_with_a_window(monkeypatch):
+    seen = []
+    original = cache_module.ragged_decode_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "ragged_decode_attention", spy)
+    ragged = _small_cache()
+    ragged.attend(0, torch.zeros(1, 4, 4), impl="torch")
+    ragged.attend(0, torch.zeros(1, 4, 4), window=3, softcap=5.0, sinks=torch.zeros(4),
+                  impl="torch")
+    assert seen[0]["key_positions"] is None and seen[0]["window"] is None
+    assert seen[1]["key_positions"] is ragged.layer(0).positions
+    assert (seen[1]["window"], seen[1]["softcap"]) == (3, 5.0)
 
 
 # ------------------------------------------------------------ 5. int64 index-like metadata

@@ -7,6 +7,10 @@ KVzip), built by name with ``get_scorer`` <- ``compressed`` (``CompressedCache``
 ``Cache`` of the kept pairs, and the compressed attention that reads it) <- ``pipeline``
 (``ProxyKV``: concurrent proxy scoring, alignment, selection, compaction, generation).
 
+``architectures`` says which families and which of their layers are compressed; ``proxies``
+builds a proxy from the target's own first layers (``early_layers_proxy``); ``checkpoints`` builds
+real pretrained models from registry packages (``get("gemma3-270m")``).
+
 ``import proxykv`` never imports this package; importing it without transformers raises an
 ``ImportError`` that says how to install it.
 """
@@ -37,6 +41,7 @@ from proxykv.hf.compressed import (
     register_compressed_attention,
 )
 from proxykv.hf.pipeline import STAGES, CompressionStats, ProxyKV, prefill
+from proxykv.hf.proxies import early_layers_proxy
 from proxykv.hf.scorers import (
     DEFAULT_REPEAT_PROMPT_IDS,
     DEFAULT_REPEAT_PROMPT_TEXT,
@@ -54,12 +59,31 @@ from proxykv.hf.scorers import (
 register_compressed_attention()
 
 __all__ = [
-    "COMPRESSED_ATTENTION", "CompressedCache", "CompressionStats", "ProxyKV", "STAGES",
-    "disable_compressed_attention", "enable_compressed_attention", "prefill",
-    "register_compressed_attention",
-    "DEFAULT_REPEAT_PROMPT_IDS", "DEFAULT_REPEAT_PROMPT_TEXT", "SUPPORTED_ATTN_IMPLEMENTATIONS",
-    "SUPPORTED_MODEL_TYPES", "AttentionCall", "AttentionCapture", "RandomScorer",
+    "COMPRESSED_ATTENTION",
+    "DEFAULT_REPEAT_PROMPT_IDS",
+    "DEFAULT_REPEAT_PROMPT_TEXT",
+    "STAGES",
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionCall",
+    "AttentionCapture",
+    "CompressedCache",
+    "CompressionStats",
+    "ProxyKV",
+    "RandomScorer",
     "ReconstructionScorer",
-    "Scorer", "ScorerOutput", "WindowScorer", "available_scorers", "capture_attention",
-    "check_supported_model", "get_scorer", "register_scorer", "unregister_scorer",
+    "Scorer",
+    "ScorerOutput",
+    "WindowScorer",
+    "available_scorers",
+    "capture_attention",
+    "check_supported_model",
+    "disable_compressed_attention",
+    "early_layers_proxy",
+    "enable_compressed_attention",
+    "get_scorer",
+    "prefill",
+    "register_compressed_attention",
+    "register_scorer",
+    "unregister_scorer",
 ]

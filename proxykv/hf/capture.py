@@ -30,9 +30,8 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-#: ``config.model_type`` of the architectures whose attention is known to go through the
-#: attention-function interface with post-RoPE queries/keys (Llama, Qwen2, Qwen3).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+from proxykv.hf.architectures import FAMILIES, SUPPORTED_MODEL_TYPES, layer_layout
+
 #: the attention implementations a capture can wrap (the model's current one must be one of them):
 #: the stock ones and their compressed counterparts (``proxykv.hf.compressed``).
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "proxykv_sdpa", "proxykv_eager")
@@ -56,6 +55,9 @@ class AttentionCall:
         scaling: the logit scale the layer uses (``module.scaling``, e.g. ``D ** -0.5``).
         num_key_value_groups: ``H_q // H_kv``.
         module: the attention module itself (read-only use).
+        softcap: the layer's logit soft-cap (Gemma 2), None without one.
+        sinks: float ``[H_q]`` learned sink logits of the layer (gpt-oss), None without.
+        sliding_window: the layer's window (a sliding-window layer), None for full attention.
 
     The tensors belong to the running layer: consume them in the callback, do not keep them.
     """
@@ -67,6 +69,9 @@ class AttentionCall:
     scaling: float
     num_key_value_groups: int
     module: torch.nn.Module
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    sliding_window: int | None = None
 
 
 def check_supported_model(model) -> str:
@@ -75,14 +80,15 @@ def check_supported_model(model) -> str:
 
     Raises:
         TypeError: ``model`` is not a transformers ``PreTrainedModel``.
-        ValueError: its architecture is not one of ``SUPPORTED_MODEL_TYPES``, it has
-            sliding-window layers, it has no ``config._attn_implementation`` or
-            ``set_attn_implementation``, its attention implementation is not one of
+        ValueError: its architecture is not one of ``SUPPORTED_MODEL_TYPES``, it has no
+            full-attention layer or a layer kind proxykv does not know
+            (``proxykv.hf.architectures.layer_layout``), it has no ``config._attn_implementation``
+            or ``set_attn_implementation``, its attention implementation is not one of
             ``SUPPORTED_ATTN_IMPLEMENTATIONS``, or it is already being captured.
     """
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"model must be a transformers PreTrainedModel (a Llama, Qwen2 or Qwen3 "
-                        f"decoder), got {type(model).__name__}")
+        raise TypeError(f"model must be a transformers PreTrainedModel (a decoder of one of "
+                        f"{', '.join(FAMILIES.values())}), got {type(model).__name__}")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(SUPPORTED_MODEL_TYPES)
@@ -95,12 +101,7 @@ def check_supported_model(model) -> str:
                          f"set_attn_implementation, so its attention cannot be intercepted through "
                          f"transformers' AttentionInterface (supported: {supported} models of "
                          f"transformers 5.x)")
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
-    if sliding or getattr(config, "use_sliding_window", False):
-        raise ValueError(f"model {type(model).__name__} has sliding-window attention layers "
-                         f"{sliding or '(use_sliding_window=True)'}; only full-attention layers "
-                         f"are supported (scores assume every key is visible)")
+    layer_layout(model)
     current = config._attn_implementation
     if isinstance(current, str) and current.startswith(CAPTURE_NAME_PREFIX):
         raise ValueError(f"model {type(model).__name__} is already being captured "
@@ -125,6 +126,22 @@ def stock_attention_function(implementation: str, module: torch.nn.Module) -> Ca
                              f"(module {type(module).__module__})")
         return function
     return AttentionInterface._global_mapping[implementation]
+
+
+def layer_features(kwargs: dict) -> dict:
+    """The layer features a model passes its attention function (``softcap``, ``s_aux``,
+    ``sliding_window``), as ``AttentionCall`` fields."""
+    softcap = kwargs.get("softcap")
+    window = kwargs.get("sliding_window")
+    return {"softcap": None if softcap is None else float(softcap), "sinks": kwargs.get("s_aux"),
+            "sliding_window": None if window is None else int(window)}
+
+
+def kernel_features(softcap: float | None = None, sinks: torch.Tensor | None = None) -> dict:
+    """The layer features proxykv's attention kernels take (``softcap``, ``sinks``), only those
+    the layer has: keyword arguments for ``attention_scores`` and ``ragged_attention``."""
+    features = {"softcap": softcap, "sinks": sinks}
+    return {name: value for name, value in features.items() if value is not None}
 
 
 class AttentionCapture:
@@ -159,7 +176,7 @@ class AttentionCapture:
         self.callback(AttentionCall(
             layer_idx=int(module.layer_idx), query=query, key=key, value=value,
             scaling=float(scaling), num_key_value_groups=query.shape[1] // key.shape[1],
-            module=module))
+            module=module, **layer_features(kwargs)))
         return output
 
     def __enter__(self) -> AttentionCapture:  # noqa: PYI034 (Self needs Python 3.11)
@@ -204,8 +221,9 @@ def capture_attention(model, callback: Callable[[AttentionCall], None]) -> Atten
     runs inside the ``with`` block.
 
     Args:
-        model: a transformers Llama, Qwen2 or Qwen3 model (``*ForCausalLM`` or the base model)
-            whose attention implementation is ``"sdpa"`` or ``"eager"``; full-attention layers only.
+        model: a transformers model of a supported family (``SUPPORTED_MODEL_TYPES``,
+            ``*ForCausalLM`` or the base model) whose attention implementation is ``"sdpa"`` or
+            ``"eager"``.
         callback: called as ``callback(call: AttentionCall)`` once per layer per forward pass,
             inside the layer, after its attention ran. Its return value is ignored; an exception
             propagates (and the capture is removed).

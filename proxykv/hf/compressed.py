@@ -21,9 +21,9 @@ see every kept pair and, causally, each other) and otherwise calls ``sdpa`` (``e
 same arguments — outputs of any other cache are unchanged. Per-head caches need it (the stock
 attention takes one mask for all heads); ``ProxyKV`` enables it on its target.
 
-How the layer reaches the attention function: Llama/Qwen2/Qwen3 attention passes one ``kwargs``
-dict to ``cache.update(...)`` and then unpacks it into the attention call, so a compressed layer's
-``update`` puts itself in that dict (``HF-NOTES``: an internal of transformers 5.x; the supported
+How the layer reaches the attention function: the supported families' attention passes one
+``kwargs`` dict to ``cache.update(...)`` and then unpacks it into the attention call, so a
+compressed layer's ``update`` puts itself in that dict (``HF-NOTES``: an internal of transformers 5.x; the supported
 range is pinned in ``pyproject.toml`` and a CI test compares keep-everything with ``generate``).
 """
 
@@ -34,11 +34,21 @@ import weakref
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+)
 from transformers.masking_utils import AttentionMaskInterface
 
 from proxykv.cache import RaggedKVCache
-from proxykv.hf.capture import check_supported_model, stock_attention_function
+from proxykv.hf.capture import (
+    check_supported_model,
+    kernel_features,
+    layer_features,
+    stock_attention_function,
+)
 from proxykv.kernels import ragged_attention
 
 #: ``{stock implementation: its compressed counterpart}`` registered with transformers.
@@ -58,7 +68,13 @@ def _compressed_attention(stock: str):
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-        out = layer.attend(query, float(scaling))  # [B, H_q, T_new, D]
+        features = layer_features(kwargs)
+        if features["sliding_window"] is not None:
+            raise ValueError(f"layer {module.layer_idx} of {type(module).__name__} is a "
+                             f"sliding-window layer, but the CompressedCache holds it compressed: "
+                             f"the cache was made for another model")
+        out = layer.attend(query, float(scaling),  # [B, H_q, T_new, D]
+                           **kernel_features(features["softcap"], features["sinks"]))
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = f"{COMPRESSED_ATTENTION[stock]}_attention"
@@ -83,7 +99,7 @@ def register_compressed_attention() -> None:
 
 
 def enable_compressed_attention(model) -> str:
-    """Switch ``model`` (Llama/Qwen2/Qwen3 with ``sdpa`` or ``eager`` attention) to the compressed
+    """Switch ``model`` (a supported family, ``sdpa`` or ``eager`` attention) to the compressed
     attention (see the module docstring); returns the new implementation's name. Idempotent.
     Other caches give the same outputs as before: it calls the stock function for them."""
     current = check_supported_model(model)
@@ -103,6 +119,12 @@ def disable_compressed_attention(model) -> None:
     current = getattr(model.config, "_attn_implementation", None)
     if current in _STOCK_OF:
         model.set_attn_implementation(_STOCK_OF[current])
+
+
+def stock_implementation(model) -> str | None:
+    """The stock attention implementation ``model`` runs, or would without the compressed one."""
+    current = getattr(model.config, "_attn_implementation", None)
+    return _STOCK_OF.get(current, current)
 
 
 def is_compressed_attention(model) -> bool:
@@ -130,6 +152,25 @@ class _OwnedLayer:
             raise ValueError(f"this CompressedCache was made for another model: its attention "
                              f"module {type(module).__name__} is not one of the model the cache "
                              f"was compressed for; compress the prompt with this model's ProxyKV")
+
+
+class SlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer of a hybrid model, kept as the prefill left it (its cache is
+    already bounded by the window). Appending drops its oldest rows, which a crop cannot bring
+    back, so it remembers its state at compression (``state()``, a few references: the update
+    concatenates into new tensors and never writes the old ones) and ``set_state`` returns to it."""
+
+    def __init__(self, prefilled: DynamicSlidingWindowLayer):
+        super().__init__(sliding_window=prefilled.sliding_window)
+        self.lazy_initialization(prefilled.keys, prefilled.values)
+        self.set_state((prefilled.keys, prefilled.values, prefilled.cumulative_length))
+        self.compressed_state = self.state()
+
+    def state(self) -> tuple:
+        return self.keys, self.values, self.cumulative_length
+
+    def set_state(self, state: tuple) -> None:
+        self.keys, self.values, self.cumulative_length = state
 
 
 class CompressedLayer(_OwnedLayer, DynamicLayer):
@@ -160,7 +201,9 @@ class CompressedLayer(_OwnedLayer, DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[-2] + query_length, self.dropped
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, **features) -> torch.Tensor:
+        """``[B, H_q, T_new, D]`` attention of the new tokens over the layer; ``features`` are
+        the layer's ``softcap``/``sinks`` (``ragged_attention``'s arguments)."""
         batch, heads, rows, dim = self.keys.shape
         # DynamicLayer grows by concatenation, so the storage is contiguous: segment s = b*H + h
         # of the packed view is head h of row b, every segment `rows` long.
@@ -169,7 +212,8 @@ class CompressedLayer(_OwnedLayer, DynamicLayer):
         cu_seqlens = torch.arange(0, batch * heads + 1, device=keys.device,
                                   dtype=torch.int64) * rows
         return ragged_attention(query, keys, values, cu_seqlens, scale=scaling,
-                                max_seq_len=rows, num_kv_heads=heads, impl=self.impl)
+                                max_seq_len=rows, num_kv_heads=heads, impl=self.impl,
+                                **features)
 
 
 class RaggedCompressedLayer(_OwnedLayer, CacheLayerMixin):
@@ -197,9 +241,10 @@ class RaggedCompressedLayer(_OwnedLayer, CacheLayerMixin):
         _hand_over(self, kwargs.get("kwargs", args[0] if args else None))
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, **features) -> torch.Tensor:
         self.unread = False
-        return self.ragged.attend(self.layer_index, query, scale=scaling, impl=self.impl)
+        return self.ragged.attend(self.layer_index, query, scale=scaling, impl=self.impl,
+                                  **features)
 
     def get_seq_length(self) -> int:
         return self.ragged.next_position(self.layer_index)
@@ -301,34 +346,52 @@ class CompressedCache(Cache):
     @classmethod
     def from_selection(cls, past_key_values, selection, *, valid_lengths=None, stats=None,
                        reserve_steps: int = 256, impl: str | None = None) -> CompressedCache:
-        """Compact ``past_key_values`` (``(keys, values)`` per layer, ``[B, H_kv, T, D]``, e.g. a
-        ``DynamicCache``'s layers) to the positions ``selection`` keeps; the input is not
-        modified. Uniform selections give dense layers, ragged ones a ``RaggedKVCache`` (with
+        """Compact ``past_key_values`` to the positions ``selection`` keeps; the input is not
+        modified.
+
+        ``past_key_values``: one entry per model layer — a ``(keys, values)`` pair
+        (``[B, H_kv, T, D]``) of a full-attention layer, compacted, or a
+        ``DynamicSlidingWindowLayer`` of a hybrid model's sliding-window layer, kept as it is —
+        or a ``DynamicCache`` (its layers read that way). The selection's layers are the pairs,
+        in order. Uniform selections give dense layers, ragged ones a ``RaggedKVCache`` (with
         ``reserve_steps`` spare rows per head). ``impl`` is the backend of the gather and of the
         attention over the cache (``None``, ``"torch"``, ``"triton"``)."""
         from proxykv.kernels import gather_kv
 
+        entries = list(getattr(past_key_values, "layers", past_key_values))
+        sliding = {index: entry for index, entry in enumerate(entries)
+                   if isinstance(entry, DynamicSlidingWindowLayer)}
+        compressible = [index for index in range(len(entries)) if index not in sliding]
+        pairs = []
+        for index in compressible:
+            entry = entries[index]
+            pairs.append((entry.keys, entry.values) if isinstance(entry, DynamicLayer)
+                         else tuple(entry))
+        if len(pairs) != selection.num_layers:
+            raise ValueError(f"past_key_values has {len(pairs)} full-attention layers, the "
+                             f"selection {selection.num_layers}")
         batch, _, _, length = selection.shape
-        pairs = [tuple(pair) for pair in past_key_values]
         valid = [length] * batch if valid_lengths is None else list(valid_lengths)
+        ragged = None
         if selection.is_ragged:
             ragged = RaggedKVCache.from_selection(pairs, selection, reserve_steps=reserve_steps,
                                                   check_indices=False, impl=impl)
-            layers = [RaggedCompressedLayer(ragged, index, length, impl)
-                      for index in range(ragged.num_layers)]
-            return cls(layers, selection=selection, context_length=length, valid_lengths=valid,
-                       ragged=ragged, stats=stats)
-        if len(pairs) != selection.num_layers:
-            raise ValueError(f"past_key_values has {len(pairs)} layers, the selection "
-                             f"{selection.num_layers}")
-        layers = []
-        for index, (keys, values) in enumerate(pairs):
-            kept_keys, kept_values = gather_kv(keys, values, selection.layer(index).indices,
-                                               check_indices=False, impl=impl)
-            layers.append(CompressedLayer(kept_keys, kept_values,
-                                          length - kept_keys.shape[-2], impl))
+            kept = [RaggedCompressedLayer(ragged, index, length, impl)
+                    for index in range(ragged.num_layers)]
+        else:
+            kept = []
+            for index, (keys, values) in enumerate(pairs):
+                kept_keys, kept_values = gather_kv(keys, values, selection.layer(index).indices,
+                                                   check_indices=False, impl=impl)
+                kept.append(CompressedLayer(kept_keys, kept_values, length - kept_keys.shape[-2],
+                                            impl))
+        layers = [None] * len(entries)
+        for index, layer in zip(compressible, kept):
+            layers[index] = layer
+        for index, layer in sliding.items():
+            layers[index] = SlidingLayer(layer)
         return cls(layers, selection=selection, context_length=length, valid_lengths=valid,
-                   stats=stats)
+                   ragged=ragged, stats=stats)
 
     @property
     def is_ragged(self) -> bool:
@@ -348,14 +411,15 @@ class CompressedCache(Cache):
             self._roll_back_interrupted_forward()
             self.check_usable()
             self._check_new_rows(key_states)
-            self._forward_start = [layer.get_seq_length() for layer in self.layers]
+            self._forward_start = [layer.state() if isinstance(layer, SlidingLayer)
+                                   else layer.get_seq_length() for layer in self.layers]
         else:
             previous = self.layers[layer_idx - 1]
             if getattr(previous, "unread", False):
                 raise RuntimeError(
                     "a per-head CompressedCache was used by an attention function that does not "
-                    "read it (layer {}): call proxykv.hf.enable_compressed_attention(model) "
-                    "first".format(layer_idx - 1))
+                    f"read it (layer {layer_idx - 1}): call proxykv.hf.enable_compressed_attention(model) "
+                    "first")
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self._forward_start = None  # every layer has its rows: the forward's appends hold
@@ -379,7 +443,7 @@ class CompressedCache(Cache):
     def head_dim(self) -> int:
         if self.ragged is not None:
             return self.ragged.head_dim
-        return self.layers[0].keys.shape[-1]
+        return self.layers[self.compressed_layers[0]].keys.shape[-1]
 
     def _roll_back_interrupted_forward(self) -> None:
         """Remove the rows a forward that raised part-way appended to its first layers, so every
@@ -387,8 +451,11 @@ class CompressedCache(Cache):
         start, self._forward_start = self._forward_start, None
         if start is None:
             return
-        for layer, length in zip(self.layers, start):
-            extra = layer.get_seq_length() - length
+        for layer, mark in zip(self.layers, start):
+            if isinstance(layer, SlidingLayer):
+                layer.set_state(mark)
+                continue
+            extra = layer.get_seq_length() - mark
             if extra > 0:
                 layer.crop(-extra)
             if isinstance(layer, RaggedCompressedLayer):
@@ -401,18 +468,36 @@ class CompressedCache(Cache):
     def restore(self) -> None:
         """Remove every token appended since compression (no copy of the kept pairs); also the
         rows of a forward that raised part-way."""
-        if self.appended:
-            self.crop(-self.appended)
+        self._roll_back_interrupted_forward()
         for layer in self.layers:
+            if isinstance(layer, SlidingLayer):
+                layer.set_state(layer.compressed_state)
+                continue
+            extra = layer.get_seq_length() - self.context_length
+            if extra > 0:
+                layer.crop(-extra)
             if isinstance(layer, RaggedCompressedLayer):
                 layer.unread = False
 
     @property
     def nbytes(self) -> int:
         """Bytes of the cache's storage (keys, values and, per-head, the metadata)."""
+        sliding = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.sliding_layers)
         if self.ragged is not None:
-            return self.ragged.nbytes
+            return self.ragged.nbytes + sliding
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+    @property
+    def compressed_layers(self) -> tuple[int, ...]:
+        """The model layers the cache holds compressed (its full-attention layers), ascending;
+        the selection's layer ``i`` is model layer ``compressed_layers[i]``."""
+        return tuple(index for index, layer in enumerate(self.layers)
+                     if not isinstance(layer, SlidingLayer))
+
+    @property
+    def sliding_layers(self) -> list[SlidingLayer]:
+        """The sliding-window layers of a hybrid model, kept as the prefill left them."""
+        return [layer for layer in self.layers if isinstance(layer, SlidingLayer)]
 
     def __repr__(self) -> str:
         kind = "per-head" if self.is_ragged else "uniform"

@@ -36,6 +36,7 @@ import torch
 from proxykv._validation import check_float, check_int
 from proxykv.align import Aligner, available_aligners, get_aligner, to_log_scores
 from proxykv.align import load as load_aligner
+from proxykv.hf.architectures import compressible_shape
 from proxykv.hf.capture import check_supported_model
 from proxykv.hf.compressed import (
     CompressedCache,
@@ -46,8 +47,6 @@ from proxykv.hf.scorers import (
     Scorer,
     _cache_argument,
     _forward,
-    _num_kv_heads,
-    _num_layers,
     _Prompt,
     get_scorer,
     scorer_takes,
@@ -112,12 +111,16 @@ class CompressionStats:
             ``proxy_scoring`` overlap when they run concurrently; with ``proxy=None``
             ``proxy_scoring`` is 0 and ``target_prefill`` includes the target's own scoring.
         concurrent: whether the proxy ran concurrently with the target's prefill.
-        kv_bytes_before: bytes of the target's full KV cache (keys + values).
-        kv_bytes_after: bytes of the kept pairs (keys + values).
-        cache_bytes: bytes the compressed cache holds: the kept pairs, and for a per-head cache
+        kv_bytes_before: bytes of the target's KV cache after its prefill (keys + values of
+            every layer; a sliding-window layer holds at most its window).
+        kv_bytes_after: bytes of the kept pairs of the compressed layers plus the untouched
+            sliding-window layers (keys + values).
+        cache_bytes: bytes the compressed cache holds: the above, and for a per-head cache
             its positions, metadata and the spare rows reserved for appended tokens.
-        kept: int64 ``[B, Lt, Ht]`` positions kept per row, layer and KV head (CPU).
+        kept: int64 ``[B, Lt, Ht]`` positions kept per row, compressed layer and KV head (CPU).
         context_length: ``T``; valid_lengths: tokens per row.
+        compressed_layers: the target's layers that were compressed (its full-attention ones);
+            ``kept[:, i]`` is layer ``compressed_layers[i]``. The others slide and were kept.
     """
 
     seconds: dict[str, float]
@@ -128,6 +131,7 @@ class CompressionStats:
     kept: torch.Tensor
     context_length: int
     valid_lengths: list[int] = field(default_factory=list)
+    compressed_layers: tuple[int, ...] = ()
 
     @property
     def kept_fraction(self) -> torch.Tensor:
@@ -139,7 +143,8 @@ class CompressionStats:
         """A few human-readable lines."""
         lines = [f"context {self.context_length} tokens, KV {self.kv_bytes_before / 2**20:.2f} MiB "
                  f"-> {self.kv_bytes_after / 2**20:.2f} MiB "
-                 f"({100 * (1 - self.kv_bytes_after / max(1, self.kv_bytes_before)):.1f}% saved)"]
+                 f"({100 * (1 - self.kv_bytes_after / max(1, self.kv_bytes_before)):.1f}% saved; "
+                 f"layers compressed: {_ranges(self.compressed_layers)})"]
         timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items())
         lines.append(f"{'concurrent' if self.concurrent else 'sequential'}: {timing}")
         return "\n".join(lines)
@@ -165,8 +170,10 @@ class ProxyKV:
     """Cross-model proxy KV-cache compression over transformers models.
 
     Args:
-        target: the model whose cache is compressed (Llama / Qwen2 / Qwen3, ``sdpa`` or ``eager``
-            attention). Its attention is switched to the compressed attention
+        target: the model whose cache is compressed (a family of
+            ``proxykv.hf.SUPPORTED_MODEL_TYPES``, ``sdpa`` or ``eager`` attention; its
+            full-attention layers are compressed, its sliding-window layers kept as they are).
+            Its attention is switched to the compressed attention
             (``enable_compressed_attention``), which equals the stock one for every other cache;
             ``close()`` switches it back.
         proxy: a smaller model of the same family (same vocabulary and tokenizer), or None to
@@ -184,9 +191,10 @@ class ProxyKV:
         keep_ratio, budget: the policy's budget (exactly one, unless the policy picks its own).
         proxy_device: where the proxy runs (the proxy is moved there); default: where it is.
         concurrent: run the proxy concurrently with the target's prefill. Default (None):
-            concurrently unless the proxy shares modules with the target (e.g. the target itself
-            or its first layers), which run sequentially — two threads cannot drive the same
-            modules; ``True`` with such a proxy raises ``ValueError``.
+            concurrently unless the proxy runs modules of the target (e.g. the target itself),
+            which run sequentially — two threads cannot drive the same modules; ``True`` with
+            such a proxy raises ``ValueError``. ``early_layers_proxy`` shares the target's
+            parameters but not its modules, so it runs concurrently.
         impl: backend of the kernels (``None``, ``"torch"``, ``"triton"``): the gather, the
             attention over the compressed cache and a scorer given by name.
 
@@ -208,12 +216,12 @@ class ProxyKV:
         self._state = None  # a failed construction has nothing to close
         check_supported_model(target)
         self.target, self.proxy = target, proxy
-        self.target_shape = (_num_layers(target), _num_kv_heads(target))
+        self.target_shape = compressible_shape(target)
         shares_modules = False
         if proxy is not None:
             check_supported_model(proxy)
             check_same_vocabulary(target, proxy)
-            self.proxy_shape = (_num_layers(proxy), _num_kv_heads(proxy))
+            self.proxy_shape = compressible_shape(proxy)
             shares_modules = shares_modules_with(target, proxy)
         elif aligner is not None:
             raise ValueError("aligner needs a proxy: with proxy=None the target scores itself")
@@ -393,19 +401,23 @@ class ProxyKV:
         _synchronize(prompt.device)
         seconds["select"] = time.perf_counter() - start
         tick = time.perf_counter()
-        layers = [(layer.keys, layer.values) for layer in scored.cache.layers]
-        bytes_before = sum(k.nbytes + v.nbytes for k, v in layers)
-        bytes_per_row = 2 * layers[0][0].shape[-1] * layers[0][0].element_size()
-        cache = CompressedCache.from_selection(layers, selection, valid_lengths=prompt.valid,
+        layers = scored.cache.layers
+        bytes_before = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+        cache = CompressedCache.from_selection(scored.cache, selection, valid_lengths=prompt.valid,
                                                reserve_steps=self.reserve_steps, impl=self.impl)
+        compressed = cache.compressed_layers
+        bytes_per_row = 2 * layers[compressed[0]].keys.shape[-1] * \
+            layers[compressed[0]].keys.element_size()
+        bytes_sliding = sum(layer.keys.nbytes + layer.values.nbytes
+                            for layer in cache.sliding_layers)
         cache.bind(self.target, self._state, prompt.ids)
         _synchronize(prompt.device)
         seconds["compact"] = time.perf_counter() - tick
         seconds["total"] += time.perf_counter() - start
         kept = selection.counts().cpu()
         cache.stats = CompressionStats(seconds, scored.concurrent, bytes_before,
-                                       int(kept.sum()) * bytes_per_row, cache.nbytes, kept,
-                                       prompt.length, prompt.valid)
+                                       int(kept.sum()) * bytes_per_row + bytes_sliding,
+                                       cache.nbytes, kept, prompt.length, prompt.valid, compressed)
         return cache
 
     def _check_fits(self, valid_lengths: list[int], keep_ratio, budget) -> None:
@@ -639,13 +651,11 @@ def prefill(model, prompt: _Prompt):
 
 
 def shares_modules_with(target, proxy) -> bool:
-    """Whether ``proxy`` uses a module or parameter of ``target`` (e.g. is the target itself, or
-    is built from its layers)."""
+    """Whether ``proxy`` runs a module of ``target`` (e.g. is the target itself). Shared
+    parameters alone (``early_layers_proxy``) do not count: inference only reads them, and a
+    module's attention switch and capture stay its own."""
     modules = {id(module) for module in target.modules()}
-    if any(id(module) in modules for module in proxy.modules()):
-        return True
-    storages = {p.untyped_storage().data_ptr() for p in target.parameters()}
-    return any(p.untyped_storage().data_ptr() in storages for p in proxy.parameters())
+    return any(id(module) in modules for module in proxy.modules())
 
 
 def warn_if_trained_for_another_pair(aligner: Aligner, target, proxy) -> None:
@@ -678,7 +688,7 @@ def check_no_nan(scores: torch.Tensor, producer: str) -> None:
 
 
 def _describe(model) -> str:
-    return f"{type(model).__name__}, {_num_layers(model)} layers"
+    return f"{type(model).__name__}, {model.config.num_hidden_layers} layers"
 
 
 def check_same_vocabulary(target, proxy) -> None:
@@ -719,6 +729,17 @@ def _synchronize(device: torch.device, stream=None, current_stream_only: bool = 
         torch.cuda.current_stream(device).synchronize()
     else:
         torch.cuda.synchronize(device)
+
+
+def _ranges(indices) -> str:
+    """``0-2, 5, 11`` for ``(0, 1, 2, 5, 11)``."""
+    spans: list[list[int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "none"
 
 
 def _id_set(name: str, value) -> set[int]:

@@ -42,11 +42,17 @@ from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from proxykv._registry import Factory, Registry
 from proxykv._validation import INDEX_DTYPES, check_choice, check_int, check_tensor
-from proxykv.hf.capture import AttentionCall, capture_attention, check_supported_model
+from proxykv.hf.architectures import compressible_shape, layer_layout
+from proxykv.hf.capture import (
+    AttentionCall,
+    capture_attention,
+    check_supported_model,
+    kernel_features,
+)
 from proxykv.kernels import attention_scores
 from proxykv.kernels.attention.api import QUERY_REDUCTIONS
 
@@ -207,13 +213,17 @@ def _forward(model, cache_kw: str, ids, mask, positions, cache) -> None:
     model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
 
 
-def _num_layers(model) -> int:
-    return int(model.config.num_hidden_layers)
+def _layer_scorer(model, scores: torch.Tensor, score_layer: Callable) -> Callable:
+    """A capture callback running ``score_layer(call, scores_of_the_layer)`` for the compressible
+    layers (``scores[:, i]`` of the ``i``-th one) and skipping the sliding-window ones."""
+    layout = layer_layout(model)
 
+    def on_attention(call: AttentionCall) -> None:
+        index = layout.index_of(call.layer_idx)
+        if index is not None:
+            score_layer(call, scores[:, index])
 
-def _num_kv_heads(model) -> int:
-    config = model.config
-    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return on_attention
 
 
 class Scorer(ABC):
@@ -231,8 +241,8 @@ class Scorer(ABC):
         """Prefill ``input_ids`` on ``model`` and score every prompt position's KV pair.
 
         Args:
-            model: a transformers Llama / Qwen2 / Qwen3 model (``*ForCausalLM`` or base), with
-                ``sdpa`` or ``eager`` attention (see ``proxykv.hf.capture``).
+            model: a transformers model of a supported family (``*ForCausalLM`` or base, see
+                ``proxykv.hf.architectures``), with ``sdpa`` or ``eager`` attention.
             input_ids: int32/int64 ``[B, T]`` on the model's device, ids in the vocabulary,
                 ``T <= max_position_embeddings``.
             attention_mask: optional ``[B, T]`` (bool or 0/1 ints), left padding only.
@@ -240,12 +250,16 @@ class Scorer(ABC):
 
         Returns:
             ``ScorerOutput(scores, cache)``: float32 ``[B, L, H_kv, T]`` scores (``-inf`` at
-            padded positions) on the model's device, and the prefill's ``DynamicCache``.
+            padded positions) on the model's device — ``L`` counts the model's full-attention
+            (compressible) layers only, in order (``proxykv.hf.architectures.layer_layout``);
+            sliding-window layers are not scored — and the prefill's ``DynamicCache`` (every
+            layer, sliding ones included).
         """
         check_supported_model(model)
         prompt = _Prompt(model, input_ids, attention_mask)
         cache = _new_cache(model, past_key_values)
-        scores = torch.zeros(prompt.batch, _num_layers(model), _num_kv_heads(model),
+        num_layers, num_kv_heads = compressible_shape(model)
+        scores = torch.zeros(prompt.batch, num_layers, num_kv_heads,
                              prompt.length, dtype=torch.float32, device=prompt.device)
         for row, pad in enumerate(prompt.pad):
             scores[row, :, :, :pad] = float("-inf")
@@ -341,17 +355,16 @@ class WindowScorer(Scorer):
         groups = _row_groups(prompt)
         length = prompt.length
 
-        def on_attention(call: AttentionCall) -> None:
+        def score_layer(call: AttentionCall, layer_scores: torch.Tensor) -> None:
             for rows in groups:
                 pad = prompt.pad[rows.start]
                 window = min(self.window, length - pad)
-                layer_scores = attention_scores(
+                layer_scores[rows, :, pad:] = attention_scores(
                     call.query[rows, :, length - window:], call.key[rows, :, pad:length],
                     scale=call.scaling, reduce=self.reduce, group_reduce=self.group_reduce,
-                    impl=self.impl)
-                scores[rows, call.layer_idx, :, pad:] = layer_scores
+                    impl=self.impl, **kernel_features(call.softcap, call.sinks))
 
-        with capture_attention(model, on_attention):
+        with capture_attention(model, _layer_scorer(model, scores, score_layer)):
             _forward(model, _cache_argument(model), prompt.ids, prompt.mask,
                      prompt.positions(prompt.mask, 0, length), cache)
 
@@ -442,11 +455,12 @@ class ReconstructionScorer(Scorer):
         _forward(model, cache_kw, prompt.ids, prompt.mask,
                  prompt.positions(prompt.mask, 0, length), cache)
         layers = cache.layers
-        if not all(type(layer) is DynamicLayer for layer in layers):
+        if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
             raise ValueError(f"the reconstruction scorer needs a DynamicCache of plain "
-                             f"DynamicLayer layers, got "
+                             f"DynamicLayer (and DynamicSlidingWindowLayer) layers, got "
                              f"{sorted({type(layer).__name__ for layer in layers})}")
-        saved = [(layer.keys, layer.values) for layer in layers]
+        saved = [(layer.keys, layer.values, getattr(layer, "cumulative_length", None))
+                 for layer in layers]
 
         # 2. Reconstruction sequence per row: repeat prompt + the row's tokens + its padding.
         recon_length = n_prompt + length
@@ -464,7 +478,7 @@ class ReconstructionScorer(Scorer):
         groups = _row_groups(prompt)
         state = {"start": 0, "stop": 0}
 
-        def on_attention(call: AttentionCall) -> None:
+        def score_layer(call: AttentionCall, layer_scores: torch.Tensor) -> None:
             start, stop = state["start"], state["stop"]  # reconstruction columns of this forward
             for rows in groups:
                 pad = prompt.pad[rows.start]
@@ -474,18 +488,18 @@ class ReconstructionScorer(Scorer):
                 if n_queries <= 0:
                     continue
                 keys = call.key[rows, :, pad:length + end]
-                layer_scores = attention_scores(
+                chunk_scores = attention_scores(
                     call.query[rows, :, :n_queries], keys, scale=call.scaling,
                     q_offset=keys.shape[2] - n_queries, reduce="max", group_reduce="max",
-                    impl=self.impl)
-                target = scores[rows, call.layer_idx, :, pad:]
-                torch.maximum(target, layer_scores[..., :valid], out=target)
+                    impl=self.impl, **kernel_features(call.softcap, call.sinks))
+                target = layer_scores[rows, :, pad:]
+                torch.maximum(target, chunk_scores[..., :valid], out=target)
 
         bounds = [(0, n_prompt)] + [
             (start, min(start + self.chunk_size, recon_length))
             for start in range(n_prompt, recon_length, self.chunk_size)]
         try:
-            with capture_attention(model, on_attention):
+            with capture_attention(model, _layer_scorer(model, scores, score_layer)):
                 for start, stop in bounds:
                     state["start"], state["stop"] = start, stop
                     mask = None if full_mask is None else full_mask[:, :length + stop]
@@ -493,9 +507,12 @@ class ReconstructionScorer(Scorer):
                     _forward(model, cache_kw, recon_ids[:, start:stop], mask, positions, cache)
         finally:
             # 3. Drop the reconstruction's KV: back to the prefill's own tensors (what
-            #    cache.crop(length) gives, without keeping the longer storage alive).
-            for layer, (keys, values) in zip(layers, saved):
+            #    cache.crop(length) gives, without keeping the longer storage alive; a sliding
+            #    layer has dropped its oldest rows meanwhile and cannot be cropped back).
+            for layer, (keys, values, cumulative_length) in zip(layers, saved):
                 layer.keys, layer.values = keys, values
+                if cumulative_length is not None:
+                    layer.cumulative_length = cumulative_length
 
 
 def _as_id_tuple(name: str, ids) -> tuple[int, ...]:

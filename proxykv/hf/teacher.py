@@ -39,8 +39,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from proxykv.align import to_log_scores
+from proxykv.hf.architectures import compressible_shape
 from proxykv.hf.identity import config_fingerprint, describe_model, model_fingerprint
-from proxykv.hf.scorers import Scorer, _num_kv_heads, _num_layers, get_scorer
+from proxykv.hf.scorers import Scorer, get_scorer
 
 META = "meta.json"
 META_FORMAT = "proxykv-teacher"
@@ -188,8 +189,8 @@ def record_teacher_scores(target, proxy, prompts: Iterable, out, *,
                   for index, prompt in enumerate(prompts)]
     hashes = [prompt_hash(ids) for ids in prompt_ids]
     meta = {"format": META_FORMAT, "format_version": META_VERSION,
-            "proxy_shape": [_num_layers(proxy), _num_kv_heads(proxy)],
-            "target_shape": [_num_layers(target), _num_kv_heads(target)],
+            "proxy_shape": list(compressible_shape(proxy)),
+            "target_shape": list(compressible_shape(target)),
             "target": describe_model(target), "proxy": describe_model(proxy),
             "target_fingerprint": model_fingerprint(target),
             "target_config_fingerprint": config_fingerprint(target),

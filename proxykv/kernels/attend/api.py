@@ -10,6 +10,7 @@ from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    SINK_DTYPES,
     bounds_statistics,
     check_gqa,
     check_int,
@@ -18,7 +19,10 @@ from proxykv._validation import (
     check_same_device,
     check_same_dtype,
     check_scale,
+    check_sinks,
+    check_softcap,
     check_tensor,
+    check_window,
     first_true_index,
     raise_for_bounds,
     to_int32_metadata,
@@ -72,7 +76,8 @@ def _check_segment_values(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor | Non
 
 
 def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, total_rows,
-            num_kv_heads, check_segments, impl, return_lse, op: str, new_rows_required: bool):
+            num_kv_heads, check_segments, impl, return_lse, softcap, sinks, window, key_positions,
+            op: str, new_rows_required: bool):
     """Validation and dispatch shared by both entry points; ``q`` is ``[B, H_q, T_new, D]`` (the
     decode entry point passes a view with ``T_new = 1``)."""
     check_tensor("k_packed", k_packed, ndim=2, layout="[N, D]", dtypes=FLOAT_DTYPES)
@@ -80,9 +85,13 @@ def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, 
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, layout="[B * H_kv + 1]", dtypes=INDEX_DTYPES)
     if seq_lens is not None:
         check_tensor("seq_lens", seq_lens, ndim=1, layout="[B * H_kv]", dtypes=INDEX_DTYPES)
+    if sinks is not None:
+        check_tensor("sinks", sinks, ndim=1, layout="[H_q]", dtypes=SINK_DTYPES)
+    if key_positions is not None:
+        check_tensor("key_positions", key_positions, ndim=1, layout="[N]", dtypes=INDEX_DTYPES)
     check_same_dtype(q=q, k_packed=k_packed, v_packed=v_packed)
     device = check_same_device(q=q, k_packed=k_packed, v_packed=v_packed, cu_seqlens=cu_seqlens,
-                               seq_lens=seq_lens)
+                               seq_lens=seq_lens, sinks=sinks, key_positions=key_positions)
     b, h_q, num_new, d = q.shape
     if k_packed.shape[1] != d or v_packed.shape != k_packed.shape:
         raise ValueError(f"k_packed and v_packed must both be [N, D] with D = {d} (the head dim of "
@@ -105,6 +114,16 @@ def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, 
         raise ValueError(f"seq_lens must have B * H_kv = {num_segments} entries (one per "
                          f"segment of cu_seqlens), got {seq_lens.numel()}")
     scale = check_scale(scale, d)
+    softcap = check_softcap(softcap)
+    window = check_window(window)
+    sinks = check_sinks(sinks, h_q)
+    if key_positions is not None and key_positions.shape[0] != rows:
+        raise ValueError(f"key_positions must have shape [N] = ({rows},) (one position per row "
+                         f"of k_packed), got {tuple(key_positions.shape)}")
+    if window is not None and key_positions is None:
+        raise ValueError(f"window={window} needs key_positions (the original position of every "
+                         "packed row: a compacted cache's rows have no implicit positions), got "
+                         "None")
     if max_seq_len is not None:
         check_int("max_seq_len", max_seq_len, minimum=num_new if new_rows_required else 0,
                   maximum=rows)
@@ -128,6 +147,12 @@ def _attend(q, k_packed, v_packed, cu_seqlens, *, seq_lens, scale, max_seq_len, 
         if total_rows is None:  # packed rows are all valid; with spare room, an upper bound
             total_rows = rows if seq_lens is None else min(rows, max_seq_len * num_segments)
         launch["total_rows"] = total_rows
+    if softcap is not None:
+        launch["softcap"] = softcap
+    if sinks is not None:
+        launch["sinks"] = sinks
+    if window is not None:
+        launch.update(window=window, key_positions=key_positions)
     if op == "ragged_decode_attention":
         return run(q[:, :, 0], k_packed, v_packed, cu_seqlens, seq_lens, scale=scale,
                    max_seq_len=max_seq_len, **launch)
@@ -175,6 +200,24 @@ _ARGS_DOC = """
         check_segments: verify the metadata values (monotone bounds from 0 to N, ``seq_lens``
             within each segment's room, ``max_seq_len`` not short{min_rows}). One device sync.
             Pass False on a hot path whose metadata is known good (``RaggedKVCache`` does).
+        softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): None (off) or a finite
+            real > 0; every logit becomes ``softcap * tanh(scale * q·k / softcap)`` (after the
+            scale, before masking and softmax).
+        sinks: learned attention sinks (gpt-oss): optional float ``[H_q]`` (any float dtype, read
+            as float32; device of ``q``), one logit per query head. Each softmax denominator gets
+            the extra term ``exp(sinks[h])`` (not scaled, not soft-capped): the probabilities are
+            ``exp(s_j) / (sum_j' exp(s_j') + exp(sinks[h]))``, so they sum to less than 1 and the
+            output is ``sum_j p_j v_j`` (the sink carries no value). ``-inf`` is a head without a
+            sink. Values are not checked (``+inf`` gives zeros, NaN propagates).
+        window: sliding-window length (transformers' ``sliding_window``): None (off) or an int
+            >= 1; a query at position ``p`` sees, of the rows it sees causally, those at positions
+            ``p - window < j``. Needs ``key_positions``. The query's position ``p`` is that of its
+            own row: query ``t`` of segment ``s`` is at ``key_positions`` of the segment's valid
+            row ``seq_len - T_new + t`` (the new tokens' own rows end every segment){own_row}.
+        key_positions: int32/int64 ``[N]``, device of ``q``: the original position of every
+            packed row (``RaggedKVCache``'s ``positions``), read only with ``window``. Not
+            checked: the positions of a segment's valid rows should ascend (the kept positions,
+            then the new tokens'), which makes the window the last rows of what each query sees.
         impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
 
     The kernels read ``cu_seqlens`` and ``seq_lens`` as int32: int64 ones are converted (a copy of
@@ -185,13 +228,15 @@ _ARGS_DOC = """
 _RAISES_DOC = """
     Raises:
         TypeError: a non-tensor, a tensor of a dtype the argument does not take, or a ``scale``,
-            ``max_seq_len`` or ``num_kv_heads`` of the wrong type.
-        ValueError: a wrong rank or shape, an empty dimension of ``q``, ``N`` past int32, a
-            segment count that does not fit ``q`` (or ``num_kv_heads``), tensors on different
-            devices (or ``meta``), metadata values out of range{short}, ``scale`` not finite and
-            > 0.
+            ``softcap``, ``window``, ``max_seq_len`` or ``num_kv_heads`` of the wrong type (a bool
+            is not a number).
+        ValueError: a wrong rank or shape (``sinks`` not ``[H_q]``, ``key_positions`` not
+            ``[N]``), an empty dimension of ``q``, ``N`` past int32, a segment count that does not
+            fit ``q`` (or ``num_kv_heads``), tensors on different devices (or ``meta``), metadata
+            values out of range{short}, ``scale`` or ``softcap`` not finite and > 0, ``window``
+            < 1 or past ``2**31 - 1``, ``window`` without ``key_positions``.
 
-    Not checked: NaN/inf in the inputs; with ``check_segments=False``, the metadata values (beyond
+    Not checked: NaN/inf in the inputs (``sinks`` included), the values of ``key_positions``; with ``check_segments=False``, the metadata values (beyond
     fitting int32) — out-of-range bounds read arbitrary memory and a ``max_seq_len`` shorter than
     a segment makes the Triton path ignore that segment's rows past it.
 """
@@ -210,6 +255,10 @@ def ragged_attention(
     total_rows: int | None = None,
     num_kv_heads: int | None = None,
     check_segments: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    key_positions: torch.Tensor | None = None,
     impl: str | None = None,
 ):
     """Attention of ``T_new`` new tokens per sequence over a per-head compacted KV cache whose
@@ -217,7 +266,9 @@ def ragged_attention(
 
     Query ``t`` (``0 <= t < T_new``) of segment ``s`` sees the segment's first
     ``seq_lens[s] - T_new + t + 1`` valid rows: all the kept context, then the new tokens causally
-    up to itself. ``softmax(scale · q·k)`` over those rows, in float32. With ``T_new = 1`` this is
+    up to itself (and, with ``window``, of those only the rows at positions within the window).
+    ``softmax(scale · q·k)`` over those rows (soft-capped with ``softcap``, a sink in the
+    denominator with ``sinks``), in float32. With ``T_new = 1`` this is
     ``ragged_decode_attention`` (the newest token sees every row).
     {metadata}
     Args:
@@ -225,7 +276,10 @@ def ragged_attention(
             ``H_q`` a multiple of ``H_kv``.
     {args}
         return_lse: also return the natural-log log-sum-exp of every query's logits (for merging
-            with attention computed elsewhere, e.g. over a second cache).
+            with attention computed elsewhere, e.g. over a second cache) — **over the keys only**:
+            with ``sinks`` the sink is not in it (but it is in the output's normalisation:
+            ``out = sum_j exp(s_j - L) v_j / (1 + exp(sinks[h] - L))`` with ``L`` the returned
+            LSE). The same convention as ``attention_scores``' ``lse`` argument.
 
     Returns:
         ``out [B, H_q, T_new, D]`` in the dtype of ``q``, contiguous; with ``return_lse``,
@@ -238,6 +292,7 @@ def ragged_attention(
     return _attend(q, k_packed, v_packed, cu_seqlens, seq_lens=seq_lens, scale=scale,
                    max_seq_len=max_seq_len, total_rows=total_rows, num_kv_heads=num_kv_heads,
                    check_segments=check_segments, impl=impl, return_lse=return_lse,
+                   softcap=softcap, sinks=sinks, window=window, key_positions=key_positions,
                    op="ragged_attention", new_rows_required=True)
 
 
@@ -253,6 +308,10 @@ def ragged_decode_attention(
     total_rows: int | None = None,
     num_kv_heads: int | None = None,
     check_segments: bool = True,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
+    key_positions: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over a per-head compacted KV cache: every query
@@ -272,14 +331,20 @@ def ragged_decode_attention(
     return _attend(q[:, :, None], k_packed, v_packed, cu_seqlens, seq_lens=seq_lens, scale=scale,
                    max_seq_len=max_seq_len, total_rows=total_rows, num_kv_heads=num_kv_heads,
                    check_segments=check_segments, impl=impl, return_lse=False,
+                   softcap=softcap, sinks=sinks, window=window, key_positions=key_positions,
                    op="ragged_decode_attention", new_rows_required=False)
 
 
 ragged_attention.__doc__ = ragged_attention.__doc__.format(
-    metadata=_METADATA_DOC, args=_ARGS_DOC.format(min_rows=", every segment >= T_new rows"),
+    metadata=_METADATA_DOC, args=_ARGS_DOC.format(min_rows=", every segment >= T_new rows",
+                                                  own_row=""),
     raises=_RAISES_DOC.format(short=" (a segment shorter than T_new)"))
 ragged_decode_attention.__doc__ = ragged_decode_attention.__doc__.format(
-    metadata=_METADATA_DOC, args=_ARGS_DOC.format(min_rows=""), raises=_RAISES_DOC.format(short=""))
+    metadata=_METADATA_DOC,
+    args=_ARGS_DOC.format(min_rows="", own_row=(
+        "; here the last valid row, so the token's own K/V must have been appended (an empty "
+        "segment outputs zeros)")),
+    raises=_RAISES_DOC.format(short=""))
 
 
 def _example_metadata(generator, lengths: list[int]):

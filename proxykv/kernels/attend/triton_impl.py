@@ -35,11 +35,13 @@ import triton.language as tl
 
 from proxykv._backend import interpreter_enabled
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
+from proxykv.kernels._fast_math import _fast_div
 from proxykv.kernels._gpu import H100, PROGRAMS_PER_SM, gpu_limits
 
 LOG2E = 1.4426950408889634
 # the kernels' LSE is base 2; the API's is natural
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -63,17 +65,28 @@ def _mma(a, b, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-@triton.jit(do_not_specialize=["num_new", "keys_per_split", "num_splits", "num_query_blocks"])
+@triton.jit
+def _capped_log2_logits(s, cap_scale2, cap2):
+    """Soft-capped logits in base 2, ``log2(e) * softcap * tanh(scale * s / softcap)``, from raw
+    ``s = q·k``; ``cap_scale2 = 2 log2(e) scale / softcap``, ``cap2 = log2(e) softcap``. ``tanh(x)
+    = 1 - 2 / (exp(2x) + 1)``: exp2 overflows to inf (-> +cap2) or underflows to 0 (-> -cap2) for
+    large ``|x|``, never NaN (as in the attention_scores kernels)."""
+    return cap2 - _fast_div(2.0 * cap2, tl.exp2(s * cap_scale2) + 1.0)
+
+
+@triton.jit(do_not_specialize=["num_new", "keys_per_split", "num_splits", "num_query_blocks",
+                               "window"])
 def ragged_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, seq_lens_ptr,
-    out_ptr, lse_ptr, partial_out_ptr, partial_lse_ptr,
+    out_ptr, lse_ptr, partial_out_ptr, partial_lse_ptr, sinks_ptr, key_positions_ptr,
     num_kv_heads, group_size, num_new, keys_per_split, num_splits, num_query_blocks,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    qk_scale2,
+    qk_scale2, cap_scale2, cap2, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -101,6 +114,17 @@ def ragged_attention_fwd_kernel(
                   + tokens[None, :] * stride_qt + dims[:, None] * stride_qd,
                   mask=row_ok[None, :] & dim_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_M]
 
+    if HAS_WINDOW:
+        # A row sees the keys at positions > its own row's position - window (the new tokens'
+        # own rows are the segment's last T_new valid rows).
+        own_rows = context_len + tokens
+        window_floor = tl.load(key_positions_ptr + seg_start + own_rows,
+                               mask=row_ok & (own_rows >= 0), other=0).to(tl.int64) - window
+        if key_positions_ptr.dtype.element_ty == tl.int32:
+            # int32 positions (RaggedKVCache's) compare in int32, the floor saturated at INT32_MIN
+            # (every position above it is seen): half the registers of an int64 [N, M] compare.
+            window_floor = tl.maximum(window_floor, -2147483648).to(tl.int32)
+
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float32)
@@ -110,8 +134,17 @@ def ragged_attention_fwd_kernel(
         tile_mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + (seg_start + keys)[:, None] * stride_kn + dims[None, :] * stride_kd,
                     mask=tile_mask, other=0.0)
-        logits_t = _mma(k, q_t, UPCAST, DOT_IEEE) * qk_scale2  # [BLOCK_N, BLOCK_M]
-        logits_t = tl.where(keys[:, None] < visible[None, :], logits_t, float("-inf"))
+        if HAS_SOFTCAP:  # [BLOCK_N, BLOCK_M]
+            logits_t = _capped_log2_logits(_mma(k, q_t, UPCAST, DOT_IEEE), cap_scale2, cap2)
+        else:
+            logits_t = _mma(k, q_t, UPCAST, DOT_IEEE) * qk_scale2  # [BLOCK_N, BLOCK_M]
+        if HAS_WINDOW:
+            key_pos = tl.load(key_positions_ptr + seg_start + keys, mask=key_ok, other=0)
+            logits_t = tl.where((keys[:, None] < visible[None, :])
+                                & (key_pos[:, None] > window_floor[None, :]), logits_t,
+                                float("-inf"))
+        else:
+            logits_t = tl.where(keys[:, None] < visible[None, :], logits_t, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits_t, axis=0))
         # A row that has seen no key yet keeps max -inf: shift by 0 so -inf - -inf never occurs.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -124,7 +157,11 @@ def ragged_attention_fwd_kernel(
         row_max = new_max
 
     has_keys = row_sum > 0
-    out_t = acc_t / tl.where(has_keys, row_sum, 1.0)[None, :]
+    if HAS_SINKS and SINGLE_SPLIT:  # exp(sink) joins the denominator (relative to row_max)
+        sink2 = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0) * _LOG2E
+        out_t = acc_t / tl.where(has_keys, row_sum + tl.exp2(sink2 - row_max), 1.0)[None, :]
+    else:
+        out_t = acc_t / tl.where(has_keys, row_sum, 1.0)[None, :]
     lse2 = tl.where(has_keys, row_max + tl.log2(tl.where(has_keys, row_sum, 1.0)), float("-inf"))
     # Row of the [B, H_q, T_new] output: ((b * H_q + head) * T_new + t).
     query_rows = (batch * num_kv_heads * group_size + heads) * num_new + tokens
@@ -146,10 +183,10 @@ def ragged_attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["num_new", "keys_per_split", "num_splits"])
 def ragged_attention_merge_fwd_kernel(
-    partial_out_ptr, partial_lse_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-    group_size, num_new, keys_per_split, num_splits,
+    partial_out_ptr, partial_lse_ptr, cu_seqlens_ptr, seq_lens_ptr, out_ptr, lse_ptr, sinks_ptr,
+    group_size, num_new, keys_per_split, num_splits, num_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_SEQ_LENS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     query_row = tl.program_id(0).to(tl.int64)  # (b * H_q + query head) * T_new + t
     token = query_row % num_new
@@ -181,7 +218,11 @@ def ragged_attention_merge_fwd_kernel(
         acc += tl.sum(weight[:, None] * partial, axis=0)
         weight_sum += weight
     total = tl.sum(weight_sum, axis=0)
-    out = acc / tl.where(total > 0, total, 1.0)
+    if HAS_SINKS:  # exp(sink) joins the denominator (relative to shift); the LSE stays the keys'
+        sink2 = tl.load(sinks_ptr + query_row // num_new % num_heads) * _LOG2E
+        out = acc / tl.where(total > 0, total + tl.exp2(sink2 - shift), 1.0)
+    else:
+        out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + query_row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
     if RETURN_LSE:
         lse = tl.where(total > 0, shift + tl.log2(tl.where(total > 0, total, 1.0)),
@@ -274,9 +315,11 @@ def plan_ragged_attention(max_seq_len: int, num_segments: int, query_rows: int, 
 
 def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scale, max_seq_len,
                             return_lse, total_rows: int | None = None,
-                            plan: RaggedAttentionPlan | None = None):
-    """``q [B, H_q, T_new, D]`` → ``out [B, H_q, T_new, D]`` (and natural-log LSE
-    ``[B, H_q, T_new]`` float32 when ``return_lse``). Inputs are validated by the API."""
+                            plan: RaggedAttentionPlan | None = None, softcap=None, sinks=None,
+                            window=None, key_positions=None):
+    """``q [B, H_q, T_new, D]`` → ``out [B, H_q, T_new, D]`` (and natural-log LSE of the keys
+    ``[B, H_q, T_new]`` float32 when ``return_lse``). Inputs are validated by the API (``sinks``
+    float32 ``[H_q]``; ``key_positions`` with ``window``)."""
     b, h_q, num_new, d = q.shape
     num_segments = cu_seqlens.numel() - 1
     h_kv = num_segments // b
@@ -305,7 +348,8 @@ def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scal
     ragged_attention_fwd_kernel[(num_segments * num_query_blocks, plan.num_splits)](
         q_ptr=q, k_ptr=k_packed, v_ptr=v_packed, cu_seqlens_ptr=cu_seqlens,
         seq_lens_ptr=seq_lens_arg, out_ptr=out, lse_ptr=lse, partial_out_ptr=partial_out,
-        partial_lse_ptr=partial_lse,
+        partial_lse_ptr=partial_lse, sinks_ptr=sinks if sinks is not None else lse,
+        key_positions_ptr=key_positions if window is not None else cu_seqlens,
         num_kv_heads=h_kv, group_size=group, num_new=num_new,
         keys_per_split=plan.keys_per_split, num_splits=plan.num_splits,
         num_query_blocks=num_query_blocks,
@@ -313,85 +357,121 @@ def ragged_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scal
         stride_kn=k_packed.stride(0), stride_kd=k_packed.stride(1),
         stride_vn=v_packed.stride(0), stride_vd=v_packed.stride(1),
         qk_scale2=scale * LOG2E,
+        cap_scale2=0.0 if softcap is None else 2 * LOG2E * scale / softcap,
+        cap2=0.0 if softcap is None else LOG2E * softcap, window=0 if window is None else window,
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         HAS_SEQ_LENS=seq_lens is not None, SINGLE_SPLIT=single, RETURN_LSE=return_lse,
         UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16,
-        DOT_IEEE=q.dtype == torch.float32,
+        DOT_IEEE=q.dtype == torch.float32, HAS_SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None, HAS_WINDOW=window is not None,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if not single:
         ragged_attention_merge_fwd_kernel[(b * h_q * num_new,)](
             partial_out_ptr=partial_out, partial_lse_ptr=partial_lse, cu_seqlens_ptr=cu_seqlens,
             seq_lens_ptr=seq_lens_arg, out_ptr=out, lse_ptr=lse,
+            sinks_ptr=sinks if sinks is not None else partial_lse,
             group_size=group, num_new=num_new, keys_per_split=plan.keys_per_split,
-            num_splits=plan.num_splits,
+            num_splits=plan.num_splits, num_heads=h_q,
             HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_S=MERGE_BLOCK_S,
-            HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse, num_warps=4,
+            HAS_SEQ_LENS=seq_lens is not None, RETURN_LSE=return_lse,
+            HAS_SINKS=sinks is not None, num_warps=4,
         )
     return (out, lse) if return_lse else out
 
 
 def ragged_decode_attention_triton(q, k_packed, v_packed, cu_seqlens, seq_lens, *, scale,
                                    max_seq_len, total_rows: int | None = None,
-                                   plan: RaggedAttentionPlan | None = None):
+                                   plan: RaggedAttentionPlan | None = None, softcap=None,
+                                   sinks=None, window=None, key_positions=None):
     """``q [B, H_q, D]``: the one-token case (every valid row visible) → ``[B, H_q, D]``."""
     return ragged_attention_triton(q[:, :, None], k_packed, v_packed, cu_seqlens, seq_lens,
                                    scale=scale, max_seq_len=max_seq_len, return_lse=False,
-                                   total_rows=total_rows, plan=plan)[:, :, 0]
+                                   total_rows=total_rows, plan=plan, softcap=softcap,
+                                   sinks=sinks, window=window,
+                                   key_positions=key_positions)[:, :, 0]
 
 
 # ------------------------------------------------------------------------------ compile specs
 
+_NO_FEATURES = (False, False, False)  # (HAS_SOFTCAP, HAS_SINKS, HAS_WINDOW)
+
+
+def _fwd_spec(dtype_name: str, head_dim: int, rows: int, single: bool, with_lse: bool,
+              features: tuple[bool, bool, bool] = _NO_FEATURES, hot: bool = True) -> CompileSpec:
+    dtype = getattr(torch, dtype_name)
+    ptr = TRITON_POINTER_TYPES[dtype_name]
+    block_n, num_stages = gpu_tile(dtype)
+    has_softcap, has_sinks, has_window = features
+    tag = ",softcap" * has_softcap + ",sinks" * has_sinks + ",window" * has_window
+    return CompileSpec(
+        name=f"ragged_attention_fwd_kernel[{dtype_name},D={head_dim},M={rows},"
+             f"single={single},lse={with_lse}{tag}]",
+        kernel=ragged_attention_fwd_kernel,
+        signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr,
+                   "cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32",
+                   "out_ptr": ptr, "lse_ptr": "*fp32",
+                   "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+                   "sinks_ptr": "*fp32", "key_positions_ptr": "*i32",
+                   "num_kv_heads": "i32", "group_size": "i32", "num_new": "i32",
+                   "keys_per_split": "i32", "num_splits": "i32",
+                   "num_query_blocks": "i32",
+                   "stride_qb": "i64", "stride_qh": "i64", "stride_qt": "i64",
+                   "stride_qd": "i64", "stride_kn": "i64", "stride_kd": "i64",
+                   "stride_vn": "i64", "stride_vd": "i64", "qk_scale2": "fp32",
+                   "cap_scale2": "fp32", "cap2": "fp32", "window": "i32"},
+        constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
+                    "BLOCK_M": rows, "BLOCK_N": block_n,
+                    "HAS_SEQ_LENS": True, "SINGLE_SPLIT": single,
+                    "RETURN_LSE": with_lse, "UPCAST": False,
+                    "DOT_IEEE": dtype == torch.float32, "HAS_SOFTCAP": has_softcap,
+                    "HAS_SINKS": has_sinks, "HAS_WINDOW": has_window},
+        num_warps=4, num_stages=num_stages,
+        unit_strides=("stride_qd", "stride_kd", "stride_vd"),
+        # fp32 takes the exact (IEEE) FMA path on purpose: no tensor cores, and it is not
+        # the path a GPU run takes (hot: must not spill).
+        uses_dot=dtype != torch.float32, hot=hot and dtype != torch.float32)
+
+
+def _merge_spec(dtype_name: str, head_dim: int, has_sinks: bool = False,
+                hot: bool = True) -> CompileSpec:
+    return CompileSpec(
+        name=f"ragged_attention_merge_fwd_kernel[{dtype_name},D={head_dim}"
+             f"{',sinks' * has_sinks}]",
+        kernel=ragged_attention_merge_fwd_kernel,
+        signature={"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+                   "cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32",
+                   "out_ptr": TRITON_POINTER_TYPES[dtype_name], "lse_ptr": "*fp32",
+                   "sinks_ptr": "*fp32", "group_size": "i32", "num_new": "i32",
+                   "keys_per_split": "i32", "num_splits": "i32", "num_heads": "i32"},
+        constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
+                    "BLOCK_S": MERGE_BLOCK_S, "HAS_SEQ_LENS": True,
+                    "RETURN_LSE": True, "HAS_SINKS": has_sinks},
+        num_warps=4, hot=hot)
+
+
 def _compile_specs():
     specs = []
-    for dtype_name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16),
-                              ("float32", torch.float32)):
-        ptr = TRITON_POINTER_TYPES[dtype_name]
-        block_n, num_stages = gpu_tile(dtype)
+    for dtype_name in ("float16", "bfloat16", "float32"):
         # Decode (one token, a group of up to 16 heads: BLOCK_M = 16) and a question chunk
         # (BLOCK_M at its cap for D); the single-split epilogue with the LSE once per dtype.
         variants = [(64, 16, False, False), (128, 16, False, False), (256, 16, False, False),
                     (128, 16, True, True)]
-        if dtype != torch.float32:  # the fp32 FMA path compiles slowly; decode variants suffice
+        if dtype_name != "float32":  # the fp32 FMA path compiles slowly; decode variants suffice
             variants += [(64, block_m(1 << 20, 64), False, True),
                          (128, block_m(1 << 20, 128), False, False)]
-        for head_dim, rows, single, with_lse in variants:
-            specs.append(CompileSpec(
-                name=f"ragged_attention_fwd_kernel[{dtype_name},D={head_dim},M={rows},"
-                     f"single={single},lse={with_lse}]",
-                kernel=ragged_attention_fwd_kernel,
-                signature={"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr,
-                           "cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32",
-                           "out_ptr": ptr, "lse_ptr": "*fp32",
-                           "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
-                           "num_kv_heads": "i32", "group_size": "i32", "num_new": "i32",
-                           "keys_per_split": "i32", "num_splits": "i32",
-                           "num_query_blocks": "i32",
-                           "stride_qb": "i64", "stride_qh": "i64", "stride_qt": "i64",
-                           "stride_qd": "i64", "stride_kn": "i64", "stride_kd": "i64",
-                           "stride_vn": "i64", "stride_vd": "i64", "qk_scale2": "fp32"},
-                constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
-                            "BLOCK_M": rows, "BLOCK_N": block_n,
-                            "HAS_SEQ_LENS": True, "SINGLE_SPLIT": single,
-                            "RETURN_LSE": with_lse, "UPCAST": False,
-                            "DOT_IEEE": dtype == torch.float32},
-                num_warps=4, num_stages=num_stages,
-                unit_strides=("stride_qd", "stride_kd", "stride_vd"),
-                # fp32 takes the exact (IEEE) FMA path on purpose: no tensor cores, and it is not
-                # the path a GPU run takes (hot: must not spill).
-                uses_dot=dtype != torch.float32, hot=dtype != torch.float32))
-        for head_dim in (64, 128, 256):
-            specs.append(CompileSpec(
-                name=f"ragged_attention_merge_fwd_kernel[{dtype_name},D={head_dim}]",
-                kernel=ragged_attention_merge_fwd_kernel,
-                signature={"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
-                           "cu_seqlens_ptr": "*i32", "seq_lens_ptr": "*i32", "out_ptr": ptr,
-                           "lse_ptr": "*fp32", "group_size": "i32", "num_new": "i32",
-                           "keys_per_split": "i32", "num_splits": "i32"},
-                constexprs={"HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim),
-                            "BLOCK_S": MERGE_BLOCK_S, "HAS_SEQ_LENS": True,
-                            "RETURN_LSE": True},
-                num_warps=4, hot=True))
+        specs += [_fwd_spec(dtype_name, *variant) for variant in variants]
+        specs += [_merge_spec(dtype_name, head_dim) for head_dim in (64, 128, 256)]
+    # Soft-capping, sinks and a sliding window all on (Gemma 2 / gpt-oss layers), bf16: decode
+    # (split and single-split epilogues) and a question chunk, at D = 128 and 256; the merge with
+    # sinks. Not hot: reported (registers, spills), not required spill-free.
+    every_feature = (True, True, True)
+    for head_dim in (128, 256):
+        for rows, single, with_lse in ((16, False, False), (16, True, True),
+                                       (block_m(1 << 20, head_dim), False, True)):
+            specs.append(_fwd_spec("bfloat16", head_dim, rows, single, with_lse, every_feature,
+                                   hot=False))
+        specs.append(_merge_spec("bfloat16", head_dim, has_sinks=True, hot=False))
     return specs
 
 

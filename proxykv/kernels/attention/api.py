@@ -8,6 +8,7 @@ from proxykv._backend import OpSpec, dispatch, register_op
 from proxykv._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    SINK_DTYPES,
     check_choice,
     check_dim,
     check_gqa,
@@ -16,7 +17,10 @@ from proxykv._validation import (
     check_same_device,
     check_same_dtype,
     check_scale,
+    check_sinks,
+    check_softcap,
     check_tensor,
+    check_window,
 )
 from proxykv.kernels.aggregate.api import GROUP_MODES
 from proxykv.kernels.attention.reference import attention_scores_reference
@@ -36,12 +40,17 @@ def attention_scores(
     group_reduce: str = "mean",
     key_valid_len: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    window: int | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
     """Per-key attention mass of one layer, without materialising the ``[T_q, T_k]`` attention.
 
-    Probabilities are the exact softmax of ``scale * q @ k^T`` over the keys each query sees. Each
-    key's probabilities are reduced over queries (``reduce``), then over the query heads of its GQA
+    Probabilities are the exact softmax of the logits ``scale * q @ k^T`` over the keys each query
+    sees (optionally soft-capped, windowed, and with a sink in the denominator: ``softcap``,
+    ``window``, ``sinks`` — what transformers' Gemma 2, sliding-window and gpt-oss attention
+    compute). Each key's probabilities are reduced over queries (``reduce``), then over the query heads of its GQA
     group (``group_reduce``). SnapKV = ``mean``/``mean`` over an observation window; KVzip =
     ``max``/``max`` over the context-reconstruction queries; H2O = ``sum``.
 
@@ -64,9 +73,26 @@ def attention_scores(
             sync), for right-padded batches: keys at or past it take no probability mass and
             score ``-inf``. A query that sees no valid key contributes nothing.
         lse: optional float32 ``[B, H_q, T_q]`` (any strides): each query row's natural-log
-            log-sum-exp of the scaled logits over the keys it sees, as returned by FlashAttention /
-            FlashInfer. When given, the Triton path skips its first pass. Not checked against the
-            data: a wrong ``lse`` gives wrong (unnormalised) scores.
+            log-sum-exp of the scaled (and soft-capped, with ``softcap``) logits over the keys it
+            sees — **the keys only**: with ``sinks`` the op folds the sink in itself
+            (``logaddexp(lse, sinks[h])``). As returned by FlashAttention / FlashInfer (and by
+            ``ragged_attention(return_lse=True)``). When given, the Triton path skips its first
+            pass. Not checked against the data: a wrong ``lse`` gives wrong (unnormalised) scores.
+        softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): None (off) or a finite
+            real > 0; the logit of query ``i`` and key ``j`` becomes
+            ``softcap * tanh(scale * q_i·k_j / softcap)`` (after the scale, before masking and
+            softmax).
+        sinks: learned attention sinks (gpt-oss): optional float ``[H_q]`` (any float dtype, read
+            as float32; device of ``q``), one logit per query head. Each softmax denominator gets
+            the extra term ``exp(sinks[h])`` (not scaled, not soft-capped): the sink takes
+            probability mass but is no key, so a row's probabilities sum to less than 1 and the
+            scores are the masses of the keys. ``-inf`` is a head without a sink; values are not
+            checked (``+inf`` gives every key of that head 0, NaN propagates).
+        window: sliding-window length (transformers' ``sliding_window``): None (off) or an int
+            >= 1; the query at position ``p = q_offset + i`` sees the keys at positions
+            ``p - window < j <= p`` (at most ``window`` keys, itself included). Needs
+            ``causal=True``. Keys are positions along ``T_k``. A window of at least
+            ``q_offset + T_q`` keys masks nothing and runs as ``window=None``.
         impl: ``"triton"``, ``"torch"`` or None (see ``proxykv.backend_info``).
 
     Returns:
@@ -75,12 +101,14 @@ def attention_scores(
 
     Raises:
         TypeError: a non-tensor, a tensor of a dtype the argument does not take, or a ``scale``,
-            ``q_offset`` or ``causal`` of the wrong type.
-        ValueError: a wrong rank or shape, an empty dimension, tensors on different devices (or
-            ``meta``), an unknown reduction, ``q_offset`` or ``key_valid_len`` out of range,
-            ``scale`` not finite and > 0.
+            ``softcap``, ``window``, ``q_offset`` or ``causal`` of the wrong type (a bool is not a
+            number).
+        ValueError: a wrong rank or shape (``sinks`` not ``[H_q]``), an empty dimension, tensors
+            on different devices (or ``meta``), an unknown reduction, ``q_offset`` or
+            ``key_valid_len`` out of range, ``scale`` or ``softcap`` not finite and > 0,
+            ``window`` < 1 or past ``2**31 - 1``, ``window`` without ``causal``.
 
-    Not checked (would cost a device sync): NaN/inf in ``q``/``k``/``lse``.
+    Not checked (would cost a device sync): NaN/inf in ``q``/``k``/``lse``/``sinks``.
     """
     check_tensor("q", q, ndim=4, layout="[B, H_q, T_q, D]", dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, layout="[B, H_kv, T_k, D]", dtypes=FLOAT_DTYPES)
@@ -88,7 +116,9 @@ def attention_scores(
         check_tensor("key_valid_len", key_valid_len, ndim=1, layout="[B]", dtypes=INDEX_DTYPES)
     if lse is not None:
         check_tensor("lse", lse, ndim=3, layout="[B, H_q, T_q]", dtypes=(torch.float32,))
-    device = check_same_device(q=q, k=k, key_valid_len=key_valid_len, lse=lse)
+    if sinks is not None:
+        check_tensor("sinks", sinks, ndim=1, layout="[H_q]", dtypes=SINK_DTYPES)
+    device = check_same_device(q=q, k=k, key_valid_len=key_valid_len, lse=lse, sinks=sinks)
     check_same_dtype(q=q, k=k)
     check_nonempty("q", q, "[B, H_q, T_q, D]")
     check_nonempty("k", k, "[B, H_kv, T_k, D]")
@@ -112,6 +142,13 @@ def attention_scores(
             raise ValueError(f"q_offset + T_q must be <= T_k (every query position must be a key "
                              f"position), got q_offset={q_offset}, T_q={t_q}, T_k={t_k}")
     scale = check_scale(scale, d)
+    softcap = check_softcap(softcap)
+    window = check_window(window)
+    if window is not None and not causal:
+        raise ValueError(f"window={window} needs causal=True (a sliding window is one-sided: "
+                         f"a query sees the keys at positions p - window < j <= p), got "
+                         f"causal=False")
+    sinks = check_sinks(sinks, h_q)
     if lse is not None and tuple(lse.shape) != (b, h_q, t_q):
         raise ValueError(f"lse must have shape [B, H_q, T_q] = {(b, h_q, t_q)}, got "
                          f"{tuple(lse.shape)}")
@@ -123,7 +160,8 @@ def attention_scores(
                              f"[{low}, {high}]")
     _, run = dispatch("attention_scores", impl, device)
     return run(q, k, scale=scale, causal=causal, q_offset=max(q_offset, 0), reduce=reduce,
-               group_reduce=group_reduce, key_valid_len=key_valid_len, lse=lse)
+               group_reduce=group_reduce, key_valid_len=key_valid_len, lse=lse, softcap=softcap,
+               sinks=sinks, window=window)
 
 
 def _example(device: torch.device):

@@ -19,7 +19,8 @@ def _chunk_size(batch: int, h_q: int, t_k: int, chunk_bytes: int) -> int:
 
 
 def attention_scores_torch(q, k, *, scale, causal, q_offset, reduce, group_reduce,
-                           key_valid_len=None, lse=None, chunk_bytes: int = CHUNK_BYTES):
+                           key_valid_len=None, lse=None, softcap=None, sinks=None, window=None,
+                           chunk_bytes: int = CHUNK_BYTES):
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
@@ -30,34 +31,46 @@ def attention_scores_torch(q, k, *, scale, causal, q_offset, reduce, group_reduc
     if key_valid_len is not None:
         key_valid = key_pos[None, :] < key_valid_len.to(k.device, torch.int64)[:, None]  # [B, T_k]
     reduce_max = reduce == "max"
+    # [1, H_kv, G, 1, 1]: query head h = kv_head * G + g
+    sink = None if sinks is None else sinks.to(q.device, torch.float32).view(1, h_kv, group, 1, 1)
     acc = torch.zeros(b, h_kv, group, t_k, dtype=torch.float32, device=q.device)
     step = _chunk_size(b, h_q, t_k, chunk_bytes)
     for start in range(0, t_q, step):
         stop = min(t_q, start + step)
         # Under causal masking no query of this chunk sees keys past its last position.
         seen = min(t_k, q_offset + stop) if causal else t_k
+        # With a window no query of the chunk sees keys before its first query's window.
+        first = 0 if window is None else min(seen, max(0, q_offset + start - window + 1))
         q_chunk = q[:, :, start:stop].to(torch.float32).reshape(b, h_kv, group * (stop - start), d)
-        logits = torch.matmul(q_chunk, keys_t[..., :seen]).mul_(scale)  # [B, H_kv, G * c, seen]
-        logits = logits.view(b, h_kv, group, stop - start, seen)
-        hidden = torch.zeros(1, 1, 1, stop - start, seen, dtype=torch.bool, device=q.device)
+        logits = torch.matmul(q_chunk, keys_t[..., first:seen]).mul_(scale)  # [B, H_kv, G*c, n]
+        logits = logits.view(b, h_kv, group, stop - start, seen - first)
+        if softcap is not None:
+            logits = logits.div_(softcap).tanh_().mul_(softcap)
+        hidden = torch.zeros(1, 1, 1, stop - start, seen - first, dtype=torch.bool,
+                             device=q.device)
+        chunk_keys = key_pos[None, first:seen]
         if causal:
             query_pos = q_offset + torch.arange(start, stop, device=q.device)
-            hidden = hidden | (key_pos[None, :seen] > query_pos[:, None])
+            hidden = hidden | (chunk_keys > query_pos[:, None])
+            if window is not None:
+                hidden = hidden | (chunk_keys <= query_pos[:, None] - window)
         if key_valid is not None:
-            hidden = hidden | ~key_valid[:, None, None, None, :seen]
+            hidden = hidden | ~key_valid[:, None, None, None, first:seen]
         logits.masked_fill_(hidden, float("-inf"))
         if lse is None:
             row_lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         else:
             row_lse = lse[:, :, start:stop].to(torch.float32).reshape(
                 b, h_kv, group, stop - start, 1)
+        if sink is not None:  # the sink joins the denominator (the given lse is keys only)
+            row_lse = torch.logaddexp(row_lse, sink)
         # A row that sees no key has lse = -inf; it contributes nothing (instead of NaN).
         row_lse = row_lse.masked_fill(torch.isneginf(row_lse), float("inf"))
         probs = logits.sub_(row_lse).exp_()
         if reduce_max:
-            torch.maximum(acc[..., :seen], probs.amax(dim=3), out=acc[..., :seen])
+            torch.maximum(acc[..., first:seen], probs.amax(dim=3), out=acc[..., first:seen])
         else:
-            acc[..., :seen] += probs.sum(dim=3)
+            acc[..., first:seen] += probs.sum(dim=3)
     if reduce == "mean":
         acc /= t_q
     scores = acc.mean(dim=2) if group_reduce == "mean" else acc.amax(dim=2)

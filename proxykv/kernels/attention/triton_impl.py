@@ -36,6 +36,7 @@ import triton.language as tl
 
 from proxykv._backend import interpreter_enabled
 from proxykv.kernels._compile import TRITON_POINTER_TYPES, CompileSpec
+from proxykv.kernels._fast_math import _fast_div
 from proxykv.kernels._gpu import H100, PROGRAMS_PER_SM, GpuLimits, gpu_limits
 
 LOG2E = 1.4426950408889634
@@ -77,17 +78,71 @@ def _online_log2_sum_exp(row_max, row_sum, s, qk_scale2):
     return new_max, row_sum
 
 
+@triton.jit
+def _online_log2_sum_exp_guarded(row_max, row_sum, s, qk_scale2):
+    """``_online_log2_sum_exp`` for tiles in which a row may see no key although it saw none
+    before either (a sliding window: a row's keys are no longer a prefix of the split): the shift
+    stays finite, so such a row keeps max ``-inf`` and sum 0 instead of NaN."""
+    new_max = tl.maximum(row_max, tl.max(s, axis=1) * qk_scale2)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    row_sum = row_sum * tl.exp2(row_max - shift) + tl.sum(
+        tl.exp2(s * qk_scale2 - shift[:, None]), axis=1)
+    return new_max, row_sum
+
+
+@triton.jit
+def _capped_log2_logits(s, cap_scale2, cap2):
+    """Soft-capped logits in base 2, ``log2(e) * softcap * tanh(scale * s / softcap)``, from raw
+    ``s = q·k``; ``cap_scale2 = 2 log2(e) scale / softcap`` and ``cap2 = log2(e) softcap``.
+
+    ``tanh(x) = 1 - 2 / (exp(2x) + 1)`` with one exp2 and an approximate division
+    (``_fast_div``): for large ``x`` the exp2 overflows to inf and the result is ``+cap2``, for
+    very negative ``x`` it underflows to 0 and the result is ``-cap2`` — never NaN. Near 0 the
+    absolute error is float32's (~1e-7 · softcap), which is what a logit needs (not a relative
+    one). libdevice's ``tanh`` does not run under the interpreter (it returns None there)."""
+    return cap2 - _fast_div(2.0 * cap2, tl.exp2(s * cap_scale2) + 1.0)
+
+
+@triton.jit
+def _lse_masked_tile(row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys, dim_ok,
+                     key_start, split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2,
+                     cap2, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+    """Pass 1's masked key tile when ``softcap`` or ``window`` is on: cap the logits first (the
+    max is then taken after scaling), mask causal/window/split end, fold with a guarded update."""
+    key_ok = tile_keys < split_end - key_start
+    k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
+                  mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+    visible = key_ok[None, :]
+    if CAUSAL:
+        visible = visible & (tile_keys[None, :] <= (query_pos - key_start)[:, None])
+    if HAS_WINDOW:
+        visible = visible & (tile_keys[None, :] > (query_pos - window - key_start)[:, None])
+    if HAS_SOFTCAP:
+        s = tl.where(visible, _capped_log2_logits(_logits(q, k_t, UPCAST, DOT_IEEE), cap_scale2,
+                                                  cap2), float("-inf"))
+        scale2 = 1.0
+    else:
+        s = tl.where(visible, _logits(q, k_t, UPCAST, DOT_IEEE), float("-inf"))
+        scale2 = qk_scale2
+    if HAS_WINDOW:
+        return _online_log2_sum_exp_guarded(row_max, row_sum, s, scale2)
+    return _online_log2_sum_exp(row_max, row_sum, s, scale2)
+
+
 @triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "keys_per_split",
-                             "row_blocks"])
+                             "row_blocks", "window"])
 def attention_lse_fwd_kernel(
     q_ptr, k_ptr, valid_len_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_ls, stride_lb, stride_lh, stride_lt,
     H_kv, group_size, T_q, T_k, q_offset, keys_per_split, row_blocks, qk_scale2,
+    cap_scale2, cap2, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, UPCAST: tl.constexpr,
     DOT_IEEE: tl.constexpr, WIDE_TILE_OFFSETS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * row_blocks + row_block
     pid_bh = program // row_blocks
@@ -125,23 +180,52 @@ def attention_lse_fwd_kernel(
     k_tile_offsets = tile_keys[None, :] * stride_kt + dims[:, None] * stride_kd  # [D, N]
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
-    for key_start in range(split_start, interior_end, BLOCK_N):
+    interior_start = split_start
+    if HAS_WINDOW:
+        # Row r sees keys (query_pos - window, query_pos]. Tiles below every row's window are
+        # skipped; those a row's lower window edge crosses take the mask; then the tiles every
+        # row sees in full, then the causal tail.
+        first_seen = tl.min(query_pos, axis=0) - window + 1  # the lowest key a row sees
+        first_seen_by_all = tl.max(query_pos, axis=0) - window + 1
+        window_start = split_start + tl.maximum(first_seen - split_start, 0) // BLOCK_N * BLOCK_N
+        interior_start = split_start + tl.cdiv(tl.maximum(first_seen_by_all - split_start, 0),
+                                               BLOCK_N) * BLOCK_N
+        interior_start = tl.maximum(window_start, tl.minimum(interior_start, interior_end))
+        interior_end = tl.maximum(interior_end, interior_start)
+        for key_start in range(window_start, interior_start, BLOCK_N):
+            row_max, row_sum = _lse_masked_tile(
+                row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys, dim_ok, key_start,
+                split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2, cap2, CAUSAL,
+                HAS_SOFTCAP, HAS_WINDOW, UPCAST, DOT_IEEE)
+    for key_start in range(interior_start, interior_end, BLOCK_N):
         k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets, mask=dim_ok[:, None],
                       other=0.0)
-        row_max, row_sum = _online_log2_sum_exp(row_max, row_sum,
-                                                _logits(q, k_t, UPCAST, DOT_IEEE), qk_scale2)
+        if HAS_SOFTCAP:  # cap first: the max is taken after scaling
+            row_max, row_sum = _online_log2_sum_exp(
+                row_max, row_sum,
+                _capped_log2_logits(_logits(q, k_t, UPCAST, DOT_IEEE), cap_scale2, cap2), 1.0)
+        else:
+            row_max, row_sum = _online_log2_sum_exp(row_max, row_sum,
+                                                    _logits(q, k_t, UPCAST, DOT_IEEE), qk_scale2)
     for key_start in range(interior_end, split_end, BLOCK_N):
-        key_ok = tile_keys < split_end - key_start
-        k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
-                      mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-        visible = key_ok[None, :]
-        if CAUSAL:
-            visible = visible & (tile_keys[None, :] <= (query_pos - key_start)[:, None])
-        s = tl.where(visible, _logits(q, k_t, UPCAST, DOT_IEEE), float("-inf"))
-        row_max, row_sum = _online_log2_sum_exp(row_max, row_sum, s, qk_scale2)
+        if HAS_SOFTCAP or HAS_WINDOW:
+            row_max, row_sum = _lse_masked_tile(
+                row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys, dim_ok, key_start,
+                split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2, cap2, CAUSAL,
+                HAS_SOFTCAP, HAS_WINDOW, UPCAST, DOT_IEEE)
+        else:
+            key_ok = tile_keys < split_end - key_start
+            k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
+                          mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (tile_keys[None, :] <= (query_pos - key_start)[:, None])
+            s = tl.where(visible, _logits(q, k_t, UPCAST, DOT_IEEE), float("-inf"))
+            row_max, row_sum = _online_log2_sum_exp(row_max, row_sum, s, qk_scale2)
     # The keys a row sees form a prefix of every split (causal and valid-length masks), so its
     # first tile either shows it a key or it sees none at all. A row that sees none has computed
-    # -inf - -inf = NaN above; NaN > 0 is false, so it gets lse = -inf here.
+    # -inf - -inf = NaN above; NaN > 0 is false, so it gets lse = -inf here. (With a window the
+    # masked tiles take the guarded update: such a row keeps sum 0.)
     seen = row_sum > 0
     lse2 = tl.where(seen, row_max + tl.log2(tl.where(seen, row_sum, 1.0)), float("-inf"))
     lse_offsets = (split * stride_ls + batch * stride_lb + heads * stride_lh + queries * stride_lt)
@@ -150,8 +234,9 @@ def attention_lse_fwd_kernel(
 
 @triton.jit
 def _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q, q_tile_offsets, dim_ok,
-                           k_t, stride_qt, stride_lt, qk_scale2, BLOCK_M: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
+                           k_t, stride_qt, stride_lt, qk_scale2, cap_scale2, cap2,
+                           BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
+                           HAS_SOFTCAP: tl.constexpr):
     """``log2`` of the probabilities ``[BLOCK_M, BLOCK_N]`` of queries ``query_start + i`` of one
     head for the keys of ``k_t``; ``-inf`` for rows past ``T_q`` and rows that see no key."""
     queries = query_start + tl.arange(0, BLOCK_M)
@@ -164,7 +249,21 @@ def _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q, q_tile_of
                   other=float("-inf"))
     # A row that sees no key (lse = -inf), or is past T_q, must contribute 0, not exp2(+inf).
     lse2 = tl.where(lse != float("-inf"), lse * _LOG2E, float("inf"))
+    if HAS_SOFTCAP:
+        return _capped_log2_logits(_logits(q, k_t, UPCAST, DOT_IEEE), cap_scale2,
+                                   cap2) - lse2[:, None]
     return _logits(q, k_t, UPCAST, DOT_IEEE) * qk_scale2 - lse2[:, None]
+
+
+@triton.jit
+def _window_visible(visible, q_offset, query_start, key_start, window, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """``visible`` and the window's lower edge for a ``[BLOCK_M, BLOCK_N]`` tile of queries from
+    ``query_start`` and keys from ``key_start``: key ``j`` is hidden from the query at position
+    ``p`` iff ``j <= p - window``, in int32 in-tile indices (clamped so nothing overflows)."""
+    last_hidden = tl.maximum(q_offset + query_start - key_start - window, -BLOCK_M).to(tl.int32)
+    return visible & (tl.arange(0, BLOCK_N)[None, :]
+                      > (tl.arange(0, BLOCK_M) + last_hidden)[:, None])
 
 
 @triton.jit
@@ -184,18 +283,18 @@ def _reduce_rows(acc, REDUCE: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "key_blocks"])
+@triton.jit(do_not_specialize=["group_size", "T_q", "T_k", "q_offset", "key_blocks", "window"])
 def attention_scores_fwd_kernel(
     q_ptr, k_ptr, lse_ptr, valid_len_ptr, out_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_lb, stride_lh, stride_lt,
     stride_ob, stride_oh,
-    H_kv, group_size, T_q, T_k, q_offset, key_blocks, qk_scale2,
+    H_kv, group_size, T_q, T_k, q_offset, key_blocks, qk_scale2, cap_scale2, cap2, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID_LEN: tl.constexpr, REDUCE: tl.constexpr,
     GROUP_MAX: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr,
-    WIDE_TILE_OFFSETS: tl.constexpr,
+    WIDE_TILE_OFFSETS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)  # (b * H_kv + kv_head) * key_blocks + key_block
     pid_bh = program // key_blocks
@@ -229,6 +328,19 @@ def attention_scores_fwd_kernel(
         diagonal_start = (first_seeing // BLOCK_M * BLOCK_M).to(tl.int32)
         interior_start = tl.minimum(tl.cdiv(first_seeing_all, BLOCK_M) * BLOCK_M,
                                     query_end).to(tl.int32)
+    diagonal_end = interior_start
+    interior_end = query_end
+    seeing_end = query_end
+    if HAS_WINDOW:  # (needs CAUSAL)
+        # Query i (position q_offset + i) sees key j iff j <= q_offset + i < j + window: some key
+        # of the block is seen by the queries before seeing_end, every key by those in
+        # [interior_start, interior_end) (whole tiles); the rest take the causal and window mask.
+        seeing_end = tl.minimum(query_end, tl.maximum(
+            key_start + BLOCK_N - 1 + window - q_offset, 0)).to(tl.int32)
+        seen_by_all_end = tl.maximum(key_start + window - q_offset, 0) // BLOCK_M * BLOCK_M
+        diagonal_end = tl.minimum(interior_start, seeing_end)
+        interior_end = tl.maximum(interior_start,
+                                  tl.minimum(seen_by_all_end, query_end)).to(tl.int32)
     # The query and group reductions fold into one over every (head, query) row unless they differ
     # in kind (reduces_per_head, on the host): then each head is reduced on its own.
     PER_HEAD: tl.constexpr = GROUP_MAX != (REDUCE == 2)
@@ -239,22 +351,36 @@ def attention_scores_fwd_kernel(
         head = kv_head * group_size + member
         q_head_ptr = q_ptr + batch * stride_qb + head * stride_qh
         lse_head_ptr = lse_ptr + batch * stride_lb + head * stride_lh
-        for query_start in range(diagonal_start, interior_start, BLOCK_M):
+        for query_start in range(diagonal_start, diagonal_end, BLOCK_M):
             log2_probs = _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q,
                                                 q_tile_offsets, dim_ok, k_t, stride_qt, stride_lt,
-                                                qk_scale2, BLOCK_M, UPCAST, DOT_IEEE)
+                                                qk_scale2, cap_scale2, cap2, BLOCK_M, UPCAST,
+                                                DOT_IEEE, HAS_SOFTCAP)
             # In-tile int32 indices: key j is visible to query i iff j <= i + last_visible. (A
             # [1, N] against an [M, 1] that moves with the loop: an [M, N] index difference would
             # be hoisted out of the loops and hold BLOCK_M * BLOCK_N / threads registers.)
             last_visible = (q_offset + query_start - key_start).to(tl.int32)
             visible = (tl.arange(0, BLOCK_N)[None, :]
                        <= (tl.arange(0, BLOCK_M) + last_visible)[:, None])
+            if HAS_WINDOW:
+                visible = _window_visible(visible, q_offset, query_start, key_start, window,
+                                          BLOCK_M, BLOCK_N)
             acc = _accumulate(acc, tl.where(visible, log2_probs, float("-inf")), REDUCE)
-        for query_start in range(interior_start, query_end, BLOCK_M):
+        for query_start in range(interior_start, interior_end, BLOCK_M):
             log2_probs = _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q,
                                                 q_tile_offsets, dim_ok, k_t, stride_qt, stride_lt,
-                                                qk_scale2, BLOCK_M, UPCAST, DOT_IEEE)
+                                                qk_scale2, cap_scale2, cap2, BLOCK_M, UPCAST,
+                                                DOT_IEEE, HAS_SOFTCAP)
             acc = _accumulate(acc, log2_probs, REDUCE)
+        if HAS_WINDOW:  # the queries whose window's lower edge crosses the block
+            for query_start in range(interior_end, seeing_end, BLOCK_M):
+                log2_probs = _query_tile_log2_probs(q_head_ptr, lse_head_ptr, query_start, T_q,
+                                                    q_tile_offsets, dim_ok, k_t, stride_qt,
+                                                    stride_lt, qk_scale2, cap_scale2, cap2,
+                                                    BLOCK_M, UPCAST, DOT_IEEE, HAS_SOFTCAP)
+                visible = _window_visible(tl.full([BLOCK_M, BLOCK_N], 1, tl.int1), q_offset,
+                                          query_start, key_start, window, BLOCK_M, BLOCK_N)
+                acc = _accumulate(acc, tl.where(visible, log2_probs, float("-inf")), REDUCE)
         if PER_HEAD:
             head_scores = _reduce_rows(acc, REDUCE)
             if REDUCE == 0:
@@ -352,23 +478,28 @@ def reduces_per_head(reduce_code: int, group_max: bool) -> bool:
 
 
 def _preferred_tile(t_q: int, head_dim: int, itemsize: int,
-                    per_head: bool) -> tuple[int, int, int]:
+                    per_head: bool, features: bool = False) -> tuple[int, int, int]:
     if itemsize == 4:
         return FP32_TILE
-    if head_dim > 128 and per_head:
+    # Soft-capping and windows hold more per logit (the tanh, a second mask, a third loop): the
+    # tiles that hold a per-head epilogue keep them in registers too (compile report).
+    narrow = per_head or features
+    if head_dim > 128 and narrow:
         return WIDE_HEAD_PER_HEAD_TILE
     if t_q <= WINDOW_QUERIES:
         return WINDOW_TILE
-    return LONG_QUERY_NARROW_TILE if head_dim > 128 or per_head else LONG_QUERY_TILE
+    return LONG_QUERY_NARROW_TILE if head_dim > 128 or narrow else LONG_QUERY_TILE
 
 
 def gpu_tile_and_stages(t_q: int, head_dim: int, itemsize: int, *, per_head: bool = False,
+                        features: bool = False,
                         limits: GpuLimits = H100) -> tuple[tuple[int, int, int], int, int]:
     """``((BLOCK_M, BLOCK_N, num_warps), num_stages, score_stages)`` of a GPU plan: the preferred
-    tile for the shape (``per_head``: the query and group reductions mix max and mean), or a
-    smaller one when the preferred one cannot be pipelined (two stages) in the device's shared
-    memory; each pass pipelined as deep as shared memory allows."""
-    preferred = _preferred_tile(t_q, head_dim, itemsize, per_head)
+    tile for the shape (``per_head``: the query and group reductions mix max and mean;
+    ``features``: soft-capping or a window), or a smaller one when the preferred one cannot be
+    pipelined (two stages) in the device's shared memory; each pass pipelined as deep as shared
+    memory allows."""
+    preferred = _preferred_tile(t_q, head_dim, itemsize, per_head, features)
     smaller = WINDOW_TILE if itemsize < 4 else FP32_TILE
     # A smaller tile two stages deep before the preferred one unpipelined.
     for min_stages, tile in dict.fromkeys([(2, preferred), (2, smaller), (1, preferred),
@@ -383,10 +514,10 @@ def gpu_tile_and_stages(t_q: int, head_dim: int, itemsize: int, *, per_head: boo
 
 def _default_plan(batch: int, h_kv: int, group: int, t_q: int, t_k: int, on_gpu: bool, *,
                   head_dim: int = 128, itemsize: int = 2, per_head: bool = False,
-                  limits: GpuLimits = H100) -> LaunchPlan:
+                  features: bool = False, limits: GpuLimits = H100) -> LaunchPlan:
     if on_gpu:
         (block_m, block_n, num_warps), stages, score_stages = gpu_tile_and_stages(
-            t_q, head_dim, itemsize, per_head=per_head, limits=limits)
+            t_q, head_dim, itemsize, per_head=per_head, features=features, limits=limits)
         target = PROGRAMS_PER_SM * limits.sm_count
     else:  # the interpreter: fewer, larger programs run faster; splits still exercised
         (block_m, block_n, num_warps), stages, score_stages = (32, 32, 4), 2, 2
@@ -427,8 +558,18 @@ def _flags(dtype: torch.dtype) -> dict:
     }
 
 
-def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: LaunchPlan):
-    """Pass 1: natural-log row log-sum-exp ``[B, H_q, T_q]`` float32."""
+def _feature_args(scale: float, softcap: float | None, window: int | None) -> dict:
+    """The soft-capping and window arguments of both kernels (placeholders when off)."""
+    return {"cap_scale2": 0.0 if softcap is None else 2 * LOG2E * scale / softcap,
+            "cap2": 0.0 if softcap is None else LOG2E * softcap,
+            "window": 0 if window is None else window,
+            "HAS_SOFTCAP": softcap is not None, "HAS_WINDOW": window is not None}
+
+
+def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: LaunchPlan,
+                   softcap: float | None = None, window: int | None = None):
+    """Pass 1: natural-log row log-sum-exp ``[B, H_q, T_q]`` float32 of the (soft-capped) logits
+    over the keys each row sees (keys only: sinks are folded in by the caller)."""
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
@@ -444,7 +585,7 @@ def row_lse_triton(q, k, *, scale, causal, q_offset, key_valid_len, plan: Launch
         stride_lt=partial.stride(3),
         H_kv=h_kv, group_size=group, T_q=t_q, T_k=t_k, q_offset=q_offset,
         keys_per_split=keys_per_split, row_blocks=triton.cdiv(group * t_q, plan.block_m),
-        qk_scale2=scale * LOG2E,
+        qk_scale2=scale * LOG2E, **_feature_args(scale, softcap, window),
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, **_flags(q.dtype),
         WIDE_TILE_OFFSETS=_wide_tile_offsets(plan.block_n, k.stride(2), d, k.stride(3)),
@@ -464,21 +605,28 @@ def _wide_tile_offsets(block: int, stride_t: int, head_dim: int, stride_d: int) 
 
 
 def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_reduce,
-                            key_valid_len=None, lse=None, plan: LaunchPlan | None = None):
+                            key_valid_len=None, lse=None, softcap=None, sinks=None, window=None,
+                            plan: LaunchPlan | None = None):
     b, h_q, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h_q // h_kv
+    if window is not None and window >= q_offset + t_q:
+        window = None  # every query's window reaches key 0: the causal mask alone
     if plan is None:
         plan = _default_plan(b, h_kv, group, t_q, t_k, q.is_cuda and not interpreter_enabled(),
                              head_dim=d, itemsize=q.element_size(),
                              per_head=reduces_per_head(REDUCE_CODES[reduce],
                                                        group_reduce == "max"),
+                             features=softcap is not None or window is not None,
                              limits=gpu_limits(q.device))
     if key_valid_len is not None:
         key_valid_len = key_valid_len.to(torch.int64)  # [B]: the kernels read int64
     if lse is None:
         lse = row_lse_triton(q, k, scale=scale, causal=causal, q_offset=q_offset,
-                             key_valid_len=key_valid_len, plan=plan)
+                             key_valid_len=key_valid_len, plan=plan, softcap=softcap,
+                             window=window)
+    if sinks is not None:  # the sink's exp(sinks[h]) joins each row's denominator
+        lse = torch.logaddexp(lse, sinks.to(lse.device, torch.float32)[None, :, None])
     out = torch.empty(b, h_kv, t_k, dtype=torch.float32, device=q.device)
     _, grid, _ = launch_grids(b, h_kv, group, t_q, t_k, plan=plan)
     attention_scores_fwd_kernel[grid](
@@ -490,6 +638,7 @@ def attention_scores_triton(q, k, *, scale, causal, q_offset, reduce, group_redu
         stride_ob=out.stride(0), stride_oh=out.stride(1),
         H_kv=h_kv, group_size=group, T_q=t_q, T_k=t_k, q_offset=q_offset,
         key_blocks=triton.cdiv(t_k, plan.block_n), qk_scale2=scale * LOG2E,
+        **_feature_args(scale, softcap, window),
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         CAUSAL=causal, HAS_VALID_LEN=key_valid_len is not None, REDUCE=REDUCE_CODES[reduce],
         GROUP_MAX=group_reduce == "max", **_flags(q.dtype),
@@ -515,15 +664,26 @@ _PLAN_HEAD_DIMS = {"bfloat16": (64, 80, 96, 128, 256), "float16": (128, 256),
                    "float32": (128, 256)}
 
 
+# (HAS_SOFTCAP, HAS_WINDOW): the attention features (sinks change no kernel: they fold into the
+# row log-sum-exp on the host).
+_NO_FEATURES = (False, False)
+_FEATURES = [((True, True), (128, 256), (_DEFAULT_FLAGS, _OTHER_FLAGS[0])),  # Gemma 2 + window
+             ((True, False), (128,), (_DEFAULT_FLAGS,)),
+             ((False, True), (128,), (_DEFAULT_FLAGS,))]
+
+
 def _compile_variants():
-    """``(dtype, head_dim, tile, stages, score_stages, flags, hot)`` to compile: every plan the
-    launcher picks on an H100 (``hot``: it must not spill) — both query-length kinds at every
-    head dim in bf16 and at D = 128 and 256 in fp16 and fp32, each masking/reduction branch
-    at D = 128 and 256 in bf16 — and the other tiles the autotuner tries, at D = 128."""
-    def plan(dtype, head_dim, t_q, flags):
+    """``(dtype, head_dim, tile, stages, score_stages, flags, hot, features)`` to compile: every
+    plan the launcher picks on an H100 (``hot``: it must not spill) — both query-length kinds at
+    every head dim in bf16 and at D = 128 and 256 in fp16 and fp32, each masking/reduction branch
+    at D = 128 and 256 in bf16 — the other tiles the autotuner tries, at D = 128, and the
+    soft-capping/window variants (bf16, both plans; not hot: reported, not required spill-free)."""
+    def plan(dtype, head_dim, t_q, flags, features=_NO_FEATURES, hot=True):
         per_head = reduces_per_head(reduce_code=flags[2], group_max=flags[3])
         return (dtype, head_dim, *gpu_tile_and_stages(t_q, head_dim, _ITEMSIZE[dtype],
-                                                      per_head=per_head), flags, True)
+                                                      per_head=per_head,
+                                                      features=features != _NO_FEATURES),
+                flags, hot, features)
 
     for dtype, head_dims in _PLAN_HEAD_DIMS.items():
         for head_dim in head_dims:
@@ -535,21 +695,31 @@ def _compile_variants():
                 yield plan("bfloat16", head_dim, t_q, flags)
     for tile in GPU_TILES:
         stages = _pipeline_depths(*tile[:2], 128, 2, H100.shared_memory)
-        yield ("bfloat16", 128, tile, *stages, _DEFAULT_FLAGS, False)
+        yield ("bfloat16", 128, tile, *stages, _DEFAULT_FLAGS, False, _NO_FEATURES)
+    for features, head_dims, flag_sets in _FEATURES:
+        for head_dim in head_dims:
+            for flags in flag_sets:
+                for t_q in _PLAN_QUERY_LENGTHS:
+                    yield plan("bfloat16", head_dim, t_q, flags, features, hot=False)
 
 
 def _compile_specs():
     """One spec per distinct variant of each kernel (pass 1 ignores the reductions)."""
     common_strides = {f"stride_{t}{a}": "i64" for t in "qk" for a in "bhtd"}
     specs = {}
-    for dtype, head_dim, tile, stages, score_stages, flags, hot in _compile_variants():
+    features_signature = {"cap_scale2": "fp32", "cap2": "fp32", "window": "i32"}
+    for (dtype, head_dim, tile, stages, score_stages, flags, hot,
+         features) in _compile_variants():
         block_m, block_n, num_warps = tile
         causal, has_valid_len, reduce_code, group_max = flags
+        has_softcap, has_window = features
         ptr = TRITON_POINTER_TYPES[dtype]
         tiles = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_M": block_m,
                  "BLOCK_N": block_n, "UPCAST": False, "DOT_IEEE": dtype == "float32",
-                 "WIDE_TILE_OFFSETS": False, "CAUSAL": causal, "HAS_VALID_LEN": has_valid_len}
+                 "WIDE_TILE_OFFSETS": False, "CAUSAL": causal, "HAS_VALID_LEN": has_valid_len,
+                 "HAS_SOFTCAP": has_softcap, "HAS_WINDOW": has_window}
         tag = f"{dtype},D={head_dim},M={block_m},N={block_n},w={num_warps}"
+        tag += ",softcap" * has_softcap + ",window" * has_window
         masks = "" if flags[:2] == _DEFAULT_FLAGS[:2] else \
             f",causal={causal},valid_len={has_valid_len}"
         reductions = "" if flags[2:] == _DEFAULT_FLAGS[2:] else \
@@ -567,7 +737,7 @@ def _compile_specs():
                        **{f"stride_l{a}": "i64" for a in "sbht"},
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
                        "q_offset": "i32", "keys_per_split": "i32", "row_blocks": "i32",
-                       "qk_scale2": "fp32"},
+                       "qk_scale2": "fp32", **features_signature},
             constexprs=tiles, num_stages=stages, shared_bound=lse_shared, hot=hot, **launch)
         scores_spec = CompileSpec(
             name=f"attention_scores_fwd_kernel[{tag}{masks}{reductions},stages={score_stages}]",
@@ -577,7 +747,8 @@ def _compile_specs():
                        **{f"stride_l{a}": "i64" for a in "bht"},
                        "stride_ob": "i64", "stride_oh": "i64",
                        "H_kv": "i32", "group_size": "i32", "T_q": "i32", "T_k": "i32",
-                       "q_offset": "i32", "key_blocks": "i32", "qk_scale2": "fp32"},
+                       "q_offset": "i32", "key_blocks": "i32", "qk_scale2": "fp32",
+                       **features_signature},
             constexprs={**tiles, "REDUCE": reduce_code, "GROUP_MAX": group_max},
             num_stages=score_stages, shared_bound=scores_shared, hot=hot, **launch)
         for spec in (lse_spec, scores_spec):
@@ -587,7 +758,8 @@ def _compile_specs():
     long_tile = f"bfloat16,D=128,M={LONG_QUERY_TILE[0]},N={LONG_QUERY_TILE[1]}"
     wide = [dataclasses.replace(spec, name=spec.name.replace("]", ",wide_offsets]"), hot=False,
                                 constexprs={**spec.constexprs, "WIDE_TILE_OFFSETS": True})
-            for spec in specs.values() if long_tile in spec.name and "causal" not in spec.name]
+            for spec in specs.values() if long_tile in spec.name and "causal" not in spec.name
+            and not (spec.constexprs["HAS_SOFTCAP"] or spec.constexprs["HAS_WINDOW"])]
     return [*specs.values(), *wide]
 
 
