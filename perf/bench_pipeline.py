@@ -10,7 +10,9 @@ select + compact), on a random-weight Qwen3 target/proxy pair: the wall time of
   policy ``head_budget``;
 * **proxykv_sequential** — the same, the proxy after the target's prefill;
 
-all at keep ratio 0.3, from one run (same machine, same input, same models), so the ratios
+and the target's plain prefill (every ratio ``x pre`` is taken against it: what the mission
+promises is KVzip-grade selection for little more than a prefill), all at keep ratio 0.3, each
+context length from one run (same machine, same input, same models), so the ratios
 ``time / time(kvzip_target)`` are comparable even where the absolute times are noisy. Each method
 is warmed up once, then ``compress`` is timed (median and 20/80 quantiles of a few repeats,
 CUDA synchronised) with its stage breakdown (``cache.stats.seconds``: target prefill, proxy
@@ -33,9 +35,10 @@ mask agrees).
 Sizes (``CPU_PAIR`` / ``CUDA_PAIR`` below; ``--quick`` shrinks the context):
 
 * CPU (fp32): target 4 layers, hidden 256, 8 query / 4 KV heads; proxy 2 layers, hidden 128,
-  4 / 2 heads; 4k context, reconstruction chunks of 512 tokens; the whole run takes about a
-  minute with ``OMP_NUM_THREADS=1`` on 2 cores (the concurrent proxy needs a second free core
-  to overlap at all: on a loaded machine it can come out slower than the sequential one).
+  4 / 2 heads; 2k, 4k and 8k contexts, reconstruction chunks of 512 tokens; the whole run takes
+  about two minutes (124 s measured) with ``OMP_NUM_THREADS=1`` on 2 cores (the concurrent proxy
+  needs a second free core to overlap at all: on a loaded machine it can come out slower than
+  the sequential one).
   ``--quick``: a 256-token context, one repeat (seconds; the perf smoke test).
 * GPU (bf16, ``--device cuda``, run by ``perf/gpu_check.sh`` through ``run_all.py``): target
   8 layers, hidden 1024, 16 / 4 heads; proxy 4 layers, hidden 512, 8 / 2 heads; 32k context,
@@ -47,7 +50,7 @@ Sizes (``CPU_PAIR`` / ``CUDA_PAIR`` below; ``--quick`` shrinks the context):
   H100/H200.
 
 Run:
-    OMP_NUM_THREADS=1 python perf/bench_pipeline.py            # CPU, about a minute
+    OMP_NUM_THREADS=1 python perf/bench_pipeline.py            # CPU, about two minutes
     python perf/bench_pipeline.py --quick                      # smoke run, seconds
     python perf/bench_pipeline.py --device cuda                # GPU
 """
@@ -88,7 +91,7 @@ class PairSetup:
     target: ModelShape
     proxy: ModelShape
     vocab_size: int
-    context: int            # prompt tokens (full run)
+    contexts: tuple[int, ...]  # prompt tokens (full run), each measured
     quick_context: int      # prompt tokens with --quick
     chunk_size: int         # the reconstruction scorer's chunk_size
     dtype: torch.dtype
@@ -96,16 +99,18 @@ class PairSetup:
 
 
 #: CPU: the largest tiny pair and context whose four methods (warm-up + 3 repeats each) run in
-#: about a minute with OMP_NUM_THREADS=1 on a shared 2-core machine (measured: 57 s).
+#: about two minutes with OMP_NUM_THREADS=1 on a shared 2-core machine (measured: 124 s).
 CPU_PAIR = PairSetup(target=ModelShape(layers=4, hidden=256, heads=8, kv_heads=4, head_dim=32),
                      proxy=ModelShape(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32),
-                     vocab_size=1024, context=4096, quick_context=256, chunk_size=512,
+                     vocab_size=1024, contexts=(2048, 4096, 8192), quick_context=256,
+                     chunk_size=512,
                      dtype=torch.float32, repeats=3)
 
 #: CUDA (one H100/H200, bf16): 32k context; the whole script well under two minutes.
 CUDA_PAIR = PairSetup(target=ModelShape(layers=8, hidden=1024, heads=16, kv_heads=4, head_dim=64),
                       proxy=ModelShape(layers=4, hidden=512, heads=8, kv_heads=2, head_dim=64),
-                      vocab_size=32000, context=32768, quick_context=8192, chunk_size=1024,
+                      vocab_size=32000, contexts=(32768,), quick_context=8192,
+                      chunk_size=1024,
                       dtype=torch.bfloat16, repeats=3)
 
 
@@ -308,13 +313,38 @@ def run(recorder: Recorder, quick: bool) -> None:
         return
     device = recorder.device
     setup = CUDA_PAIR if device.type == "cuda" else CPU_PAIR
-    context = setup.quick_context if quick else setup.context
-    repeats = 1 if quick else setup.repeats
+    contexts = (setup.quick_context,) if quick else setup.contexts
     # KVzip's reconstruction runs positions up to 2T + 1
-    max_positions = 2 * context + 64
+    max_positions = 2 * max(contexts) + 64
     started = time.perf_counter()
     target = _build_model(setup.target, setup, max_positions, seed=0, device=device)
     proxy = _build_model(setup.proxy, setup, max_positions, seed=1, device=device)
+    for context in contexts:
+        _run_context(recorder, setup, target, proxy, context, quick)
+    print(f"# pipeline benchmark took {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def _time_prefill(model, input_ids: torch.Tensor, repeats: int, device) -> float:
+    """Median seconds of the target's plain prefill (what every ratio is measured against)."""
+    from proxykv.hf.pipeline import prefill
+    from proxykv.hf.scorers import _Prompt
+
+    prompt = _Prompt(model, input_ids, None)
+    prefill(model, prompt)  # warm-up
+    samples = []
+    for _ in range(repeats):
+        _synchronize(device)
+        tick = time.perf_counter()
+        prefill(model, prompt)
+        _synchronize(device)
+        samples.append(time.perf_counter() - tick)
+    return statistics.median(samples)
+
+
+def _run_context(recorder: Recorder, setup: PairSetup, target, proxy, context: int,
+                 quick: bool) -> None:
+    device = recorder.device
+    repeats = 1 if quick else setup.repeats
     generator = torch.Generator().manual_seed(context)
     input_ids = torch.randint(0, setup.vocab_size, (1, context), generator=generator).to(device)
     print(f"# pipeline: {ARCH} target {_describe(setup.target)}, proxy {_describe(setup.proxy)}, "
@@ -324,6 +354,8 @@ def run(recorder: Recorder, quick: bool) -> None:
 
     results: dict[str, _Result] = {}
     with torch.no_grad():
+        prefill_seconds = _time_prefill(target, input_ids, max(repeats, 3), device)
+        print(f"#   target plain prefill: median {prefill_seconds:.3f} s", flush=True)
         for name, make_pipe in _methods(target, proxy, setup):
             results[name] = _run_method(name, make_pipe, input_ids, repeats, device)
             print(f"#   {name}: median {results[name].median:.3f} s", flush=True)
@@ -349,6 +381,8 @@ def run(recorder: Recorder, quick: bool) -> None:
                 "p20_ms": 1e3 * result.quantile(0.2), "p80_ms": 1e3 * result.quantile(0.8),
                 "repeats": len(result.samples), "method": result.name,
                 "ratio_vs_kvzip_target": result.median / baseline,
+                "target_prefill_ms": 1e3 * prefill_seconds,
+                "ratio_vs_target_prefill": result.median / prefill_seconds,
                 "stage_median_ms": {k: 1e3 * v for k, v in result.stages.items()},
                 "peak_mem_mib": round(result.peak_growth / 2**20, 1),
                 "peak_mem_total_mib": round(result.peak / 2**20, 1),
@@ -357,8 +391,7 @@ def run(recorder: Recorder, quick: bool) -> None:
                 "kv_bytes_after": result.kv_bytes_after, "cache_bytes": result.cache_bytes,
             }
             handle.write(json.dumps(row) + "\n")
-    _print_table(results, context, baseline, device)
-    print(f"# pipeline benchmark took {time.perf_counter() - started:.1f} s", flush=True)
+    _print_table(results, context, baseline, prefill_seconds, device)
 
 
 def _describe(shape: ModelShape) -> str:
@@ -372,15 +405,17 @@ def _shape_dict(shape: ModelShape) -> dict:
 
 
 def _print_table(results: dict[str, _Result], context: int, baseline: float,
-                 device: torch.device) -> None:
+                 prefill_seconds: float, device: torch.device) -> None:
     kind = next(iter(results.values())).memory_kind
     memory_label = {"cuda_allocated": "peak MiB (CUDA allocated above models+input)",
                     "rss_growth": "peak MiB (RSS growth)",
                     "process_max_rss": "peak MiB (process ru_maxrss, not per method)"}[kind]
     print(f"# pipeline summary on {device.type}: compress() wall time, median [p20, p80] s; "
-          f"ratio vs target-only KVzip; stage medians ms; {memory_label}; KV MiB before -> after",
+          f"ratio vs target-only KVzip, and vs the target's plain prefill "
+          f"({prefill_seconds:.3f} s); stage medians ms; {memory_label}; KV MiB before -> after",
           flush=True)
     header = (f"#   {'method':<19} {'T':>6} {'median s':>9} {'[p20, p80]':>17} {'ratio':>6} "
+              f"{'x pre':>6} "
               f"{'prefill':>8} {'proxy':>8} {'align':>7} {'select':>7} {'compact':>7} "
               f"{'peak MiB':>9} {'KV MiB':>17}")
     print(header, flush=True)
@@ -388,7 +423,8 @@ def _print_table(results: dict[str, _Result], context: int, baseline: float,
         s = {k: 1e3 * v for k, v in result.stages.items()}
         print(f"#   {result.name:<19} {context:>6} {result.median:9.3f} "
               f"[{result.quantile(0.2):7.3f}, {result.quantile(0.8):7.3f}] "
-              f"{result.median / baseline:6.2f} {s['target_prefill']:8.1f} "
+              f"{result.median / baseline:6.2f} {result.median / prefill_seconds:6.2f} "
+              f"{s['target_prefill']:8.1f} "
               f"{s['proxy_scoring']:8.1f} {s['align']:7.1f} {s['select']:7.1f} "
               f"{s['compact']:7.1f} {result.peak_growth / 2**20:9.1f} "
               f"{result.kv_bytes_before / 2**20:7.2f} -> {result.kv_bytes_after / 2**20:6.2f}",

@@ -80,6 +80,26 @@ def test_given_lse_gives_the_same_scores(impl, case, device):
     assert_close(actual, expected, dtype=q.dtype, name="attention_scores(lse=...)")
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("group_reduce", ["max", "mean"])
+def test_an_lse_over_more_keys_scores_the_keys_given(impl, group_reduce, device):
+    """KVzip's fast path: the forward's lse covers context and reconstruction keys, ``k`` holds
+    the context only, which every query sees: the scores are the full softmax's, sliced."""
+    generator = torch.Generator().manual_seed(17)
+    b, h_q, h_kv, t_q, t_k, context, d = 2, 6, 2, 23, 70, 41, 16
+    q = torch.randn(b, h_q, t_q, d, generator=generator)
+    k = torch.randn(b, h_kv, t_k, d, generator=generator) * 2
+    full = attention_scores_reference(q, k, reduce="max", group_reduce=group_reduce)
+    logits = (q.double() @ k.double().repeat_interleave(h_q // h_kv, 1).transpose(-1, -2)) * \
+        d ** -0.5
+    visible = torch.arange(t_k)[None, :] <= (t_k - t_q + torch.arange(t_q))[:, None]
+    lse = logits.masked_fill(~visible, float("-inf")).logsumexp(-1).float()
+    actual = attention_scores(q.to(device), k[:, :, :context].to(device), causal=False,
+                              reduce="max", group_reduce=group_reduce, lse=lse.to(device),
+                              impl=impl)
+    assert_close(actual, full[..., :context], dtype=q.dtype, name="lse over more keys")
+
+
 @pytest.mark.parametrize("block_m, block_n, n_splits", [(16, 32, 1), (16, 32, 5), (32, 64, 2)],
                          ids=["M16-N32-splits1", "M16-N32-splits5", "M32-N64-splits2"])
 def test_launch_plans_agree(block_m, block_n, n_splits, device):

@@ -161,3 +161,81 @@ def test_import_proxykv_without_transformers():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------------------------------
+# with_lse: the attention's own log-sum-exps (CPU flash kernel)
+
+
+def _capture_run(model, ids, past_ids=None, *, with_lse: bool, mask=None):
+    """(logits, [(layer, query, key, scaling, lse)]) of a forward over ``ids`` after ``past_ids``
+    (prefilled without capture), captured with or without ``with_lse``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    offset = 0
+    with torch.no_grad():
+        if past_ids is not None:
+            model(input_ids=past_ids, cache=cache, use_cache=True)
+            offset = past_ids.shape[1]
+    seen = []
+    positions = torch.arange(offset, offset + ids.shape[1])[None].expand(ids.shape[0], -1)
+    with capture_attention(model, lambda call: seen.append(
+            (call.layer_idx, call.query.clone(), call.key.clone(), call.scaling,
+             None if call.lse is None else call.lse.clone())), with_lse=with_lse), \
+            torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits
+    return logits, seen
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("past", [0, 23])
+def test_with_lse_hands_over_each_querys_log_sum_exp(models, arch, past):
+    model = models[arch]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 100, (1, 17), generator=g)
+    past_ids = torch.randint(0, 100, (1, past), generator=g) if past else None
+    plain, _ = _capture_run(model, ids, past_ids, with_lse=False)
+    logits, seen = _capture_run(model, ids, past_ids, with_lse=True)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)  # the model's outputs hold
+    assert len(seen) == model.config.num_hidden_layers
+    for _, query, key, scaling, lse in seen:
+        assert lse is not None and lse.shape == query.shape[:3]
+        group = query.shape[1] // key.shape[1]
+        logits_qk = scaling * query.double() @ key.double().repeat_interleave(group, 1).transpose(
+            -1, -2)
+        t_new, t_k = query.shape[2], key.shape[2]
+        visible = torch.ones(t_new, t_k, dtype=torch.bool).tril(t_k - t_new)
+        expected = logits_qk.masked_fill(~visible, float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_with_lse_follows_a_padding_mask_and_skips_what_it_cannot_take(models):
+    model = models["qwen2"]
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    plain, _ = _capture_run(model, ids, with_lse=False, mask=mask)
+    logits, seen = _capture_run(model, ids, with_lse=True, mask=mask)
+    torch.testing.assert_close(logits[1, 4:], plain[1, 4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], plain[0], rtol=1e-5, atol=1e-5)
+    assert all(lse is not None for *_, lse in seen)
+    eager = tiny_model("qwen2", num_layers=1, attn_implementation="eager")
+    _, seen = _capture_run(eager, ids[:1], with_lse=True)  # eager: its own function, no lse
+    assert seen[0][-1] is None
+    with pytest.raises(TypeError, match="with_lse must be a bool"):
+        capture_attention(model, lambda call: None, with_lse=1)
+
+
+def test_reconstruction_scores_do_not_depend_on_where_the_lse_comes_from(models, monkeypatch):
+    from proxykv.hf import capture as capture_module
+    from proxykv.hf import get_scorer
+
+    model = models["qwen2"]
+    ids = torch.randint(0, 100, (1, 60), generator=torch.Generator().manual_seed(6))
+    scorer = get_scorer("reconstruction", chunk_size=16, impl="torch")
+    with_lse, _ = scorer.score(model, ids)
+    monkeypatch.setattr(capture_module, "_FLASH_CPU", None)  # the stock attention, no lse
+    without, _ = scorer.score(model, ids)
+    torch.testing.assert_close(with_lse, without, rtol=1e-4, atol=1e-7)

@@ -8,9 +8,10 @@ with CPython under the PSF licence), prose paragraphs only (no grammar or code b
 - keep 1.0: ``ProxyKV.generate`` equals the model's own greedy ``generate`` over ~1k tokens;
 - keep 0.3: a pass key the full cache retrieves survives compression. What keeps it, measured
   here: the digits after the key's first one score low under every per-token scorer (KVzip's
-  reconstruction ranks them in the lower half), so a per-token top-k drops them and the model answers the key's first digits; SnapKV's question-aware recipe — a
-  short observation window that holds the question and max-pooled scores that keep a
-  high-scoring token's neighbours — keeps the whole key (4/4 prompts at kernel 15, 3/4 at 11,
+  reconstruction ranks them in the lower half), so a per-token top-k drops them and the model
+  answers the key's first digits; SnapKV's question-aware recipe — a short observation window
+  that holds the question and max-pooled scores that keep a high-scoring token's neighbours —
+  keeps the whole key (4/4 prompts at kernel 15, 3/4 at 11,
   0/4 at 7; the reconstruction scorer 0/4 at every kernel).
 """
 

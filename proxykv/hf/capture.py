@@ -20,6 +20,7 @@ and not keep references to them, so that no layer's queries outlive the layer.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import threading
@@ -37,6 +38,10 @@ from proxykv.hf.architectures import FAMILIES, SUPPORTED_MODEL_TYPES, layer_layo
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "proxykv_sdpa", "proxykv_eager")
 #: the prefix of the names a capture registers (``proxykv_capture_<n>``).
 CAPTURE_NAME_PREFIX = "proxykv_capture_"
+#: the key under which a compressed cache layer hands itself to the attention function
+#: (``proxykv.hf.compressed``); a call carrying it is not a stock attention call
+LAYER_KEY = "proxykv_compressed_layer"
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 _counter = itertools.count()
 _registry_lock = threading.Lock()
@@ -58,6 +63,9 @@ class AttentionCall:
         softcap: the layer's logit soft-cap (Gemma 2), None without one.
         sinks: float ``[H_q]`` learned sink logits of the layer (gpt-oss), None without.
         sliding_window: the layer's window (a sliding-window layer), None for full attention.
+        lse: float32 ``[B, H_q, T_new]`` natural-log log-sum-exp of each query's scaled logits
+            over the keys it saw, when the capture was asked for it (``with_lse``) and could take
+            it from the attention itself; else None.
 
     The tensors belong to the running layer: consume them in the callback, do not keep them.
     """
@@ -72,6 +80,7 @@ class AttentionCall:
     softcap: float | None = None
     sinks: torch.Tensor | None = None
     sliding_window: int | None = None
+    lse: torch.Tensor | None = None
 
 
 def check_supported_model(model) -> str:
@@ -137,6 +146,59 @@ def layer_features(kwargs: dict) -> dict:
             "sliding_window": None if window is None else int(window)}
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_square(size: int, device: torch.device) -> torch.Tensor:
+    """The boolean causal mask of ``size`` queries over their own ``size`` keys (cached: every
+    chunk of a reconstruction has the same size)."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def _flash_attention_with_lse(module, query, key, value, attention_mask, scaling: float):
+    """``sdpa``'s output of one layer, transposed as transformers' ``sdpa_attention_forward``
+    returns it (``[B, T_new, H_q, D]``), and each query's log-sum-exp ``[B, H_q, T_new]``, from
+    torch's CPU flash kernel (the kernel ``sdpa`` itself runs on the CPU for these inputs).
+    ``attention_mask``: transformers' boolean ``[B, 1, T_new, T_k]`` (True = seen) or None
+    (causal, the queries being the last ``T_new`` positions). A plain causal mask runs as two
+    unmasked calls merged (the masked kernel cannot skip what the mask hides: 1.4x slower on a
+    512-query chunk against 8k keys)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # the kernel takes one KV head per query head
+        batch, heads, length, dim = key.shape
+        key = key[:, :, None].expand(batch, heads, groups, length, dim).reshape(
+            batch, heads * groups, length, dim)
+        value = value[:, :, None].expand(batch, heads, groups, length, value.shape[-1]).reshape(
+            batch, heads * groups, length, value.shape[-1])
+    t_new, t_k = query.shape[2], key.shape[2]
+    past = t_k - t_new  # the queries are the last t_new positions
+    if attention_mask is not None:
+        seen = attention_mask[..., :t_k]
+        plain_causal = seen.shape[0] == 1 and bool(seen[0, 0, :, :past].all()) and bool(
+            torch.equal(seen[0, 0, :, past:], _causal_square(t_new, query.device)))
+    else:
+        plain_causal = getattr(module, "is_causal", True)
+    if plain_causal:
+        # Unmasked kernels: the keys before the queries, seen by all; then the queries' own
+        # square block, causal (the kernel's causal mask is top-left aligned, right for a square).
+        # Merged through their log-sum-exps.
+        parts = []
+        if past > 0:
+            parts.append(_FLASH_CPU(query, key[:, :, :past], value[:, :, :past], 0.0, False,
+                                    scale=scaling)[:2])
+        parts.append(_FLASH_CPU(query, key[:, :, past:], value[:, :, past:], 0.0, t_new > 1,
+                                scale=scaling)[:2])
+        output, lse = parts[0]
+        if len(parts) == 2:
+            (front, front_lse), (block, block_lse) = parts
+            lse = torch.logaddexp(front_lse, block_lse)
+            output = front * (front_lse - lse).exp().unsqueeze(-1).to(front.dtype) + \
+                block * (block_lse - lse).exp().unsqueeze(-1).to(block.dtype)
+    else:
+        mask = torch.zeros(seen.shape, dtype=query.dtype, device=query.device)
+        mask.masked_fill_(~seen, float("-inf"))
+        output, lse = _FLASH_CPU(query, key, value, 0.0, False, attn_mask=mask, scale=scaling)[:2]
+    return output.transpose(1, 2).contiguous(), lse
+
+
 def kernel_features(softcap: float | None = None, sinks: torch.Tensor | None = None) -> dict:
     """The layer features proxykv's attention kernels take (``softcap``, ``sinks``), only those
     the layer has: keyword arguments for ``attention_scores`` and ``ragged_attention``."""
@@ -152,12 +214,16 @@ class AttentionCapture:
     seen so far).
     """
 
-    def __init__(self, model, callback: Callable[[AttentionCall], None]):
+    def __init__(self, model, callback: Callable[[AttentionCall], None], *,
+                 with_lse: bool = False):
         self.previous_implementation = check_supported_model(model)
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if not isinstance(with_lse, bool):
+            raise TypeError(f"with_lse must be a bool, got {type(with_lse).__name__}")
         self.model = model
         self.callback = callback
+        self.with_lse = with_lse
         self.name: str | None = None
         self.num_calls = 0
         self._eager_functions: dict[type, Callable] = {}
@@ -168,16 +234,34 @@ class AttentionCapture:
         if function is None:
             function = stock_attention_function(self.previous_implementation, module)
             self._eager_functions[cls] = function
-        output = function(module, query, key, value, attention_mask, *args, **kwargs)
         scaling = kwargs.get("scaling", getattr(module, "scaling", None))
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
+        features = layer_features(kwargs)
+        lse = None
+        if self.with_lse and self._flash_applies(query, attention_mask, features, args, kwargs):
+            attended, lse = _flash_attention_with_lse(module, query, key, value, attention_mask,
+                                                      float(scaling))
+            output = (attended, None)  # what the stock function returns: (output, weights)
+        else:
+            output = function(module, query, key, value, attention_mask, *args, **kwargs)
         self.num_calls += 1
         self.callback(AttentionCall(
             layer_idx=int(module.layer_idx), query=query, key=key, value=value,
             scaling=float(scaling), num_key_value_groups=query.shape[1] // key.shape[1],
-            module=module, **layer_features(kwargs)))
+            module=module, lse=lse, **features))
         return output
+
+    def _flash_applies(self, query, attention_mask, features, args, kwargs) -> bool:
+        """Whether this layer's stock attention is plain ``sdpa`` on the CPU, which torch's CPU
+        flash kernel computes while returning each row's log-sum-exp (no soft-cap, sink or window,
+        no dropout, no compressed cache layer, a boolean or no mask)."""
+        return (_FLASH_CPU is not None and query.device.type == "cpu"
+                and self.previous_implementation in ("sdpa", "proxykv_sdpa")
+                and not args and LAYER_KEY not in kwargs and not kwargs.get("dropout")
+                and all(value is None for value in features.values())
+                and query.dtype in (torch.float32, torch.bfloat16)
+                and (attention_mask is None or attention_mask.dtype == torch.bool))
 
     def __enter__(self) -> AttentionCapture:  # noqa: PYI034 (Self needs Python 3.11)
         if self.name is not None:
@@ -216,7 +300,8 @@ class AttentionCapture:
                 AttentionMaskInterface._global_mapping.pop(name, None)
 
 
-def capture_attention(model, callback: Callable[[AttentionCall], None]) -> AttentionCapture:
+def capture_attention(model, callback: Callable[[AttentionCall], None], *,
+                      with_lse: bool = False) -> AttentionCapture:
     """Hand every attention layer's post-RoPE queries and keys to ``callback`` while ``model``
     runs inside the ``with`` block.
 
@@ -227,6 +312,10 @@ def capture_attention(model, callback: Callable[[AttentionCall], None]) -> Atten
         callback: called as ``callback(call: AttentionCall)`` once per layer per forward pass,
             inside the layer, after its attention ran. Its return value is ignored; an exception
             propagates (and the capture is removed).
+        with_lse: also hand over each query's log-sum-exp (``call.lse``) where the layer runs
+            plain ``sdpa`` on the CPU: the layer's attention is then computed by torch's CPU flash
+            kernel directly, which returns it (what ``sdpa`` runs there; outputs agree to float
+            rounding, not always bit for bit). Elsewhere ``call.lse`` is None.
 
     Returns:
         an ``AttentionCapture`` context manager; the model's outputs are unchanged under it.
@@ -242,4 +331,4 @@ def capture_attention(model, callback: Callable[[AttentionCall], None]) -> Atten
                                                                   call.query.shape)):
             model(input_ids)
     """
-    return AttentionCapture(model, callback)
+    return AttentionCapture(model, callback, with_lse=with_lse)

@@ -23,8 +23,9 @@ attention takes one mask for all heads); ``ProxyKV`` enables it on its target.
 
 How the layer reaches the attention function: the supported families' attention passes one
 ``kwargs`` dict to ``cache.update(...)`` and then unpacks it into the attention call, so a
-compressed layer's ``update`` puts itself in that dict (``HF-NOTES``: an internal of transformers 5.x; the supported
-range is pinned in ``pyproject.toml`` and a CI test compares keep-everything with ``generate``).
+compressed layer's ``update`` puts itself in that dict (``HF-NOTES``: an internal of transformers
+5.x; the supported range is pinned in ``pyproject.toml`` and a CI test compares keep-everything
+with ``generate``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from proxykv.cache import RaggedKVCache
 from proxykv.hf.capture import (
+    LAYER_KEY,
     check_supported_model,
     kernel_features,
     layer_features,
@@ -54,8 +56,6 @@ from proxykv.kernels import ragged_attention
 #: ``{stock implementation: its compressed counterpart}`` registered with transformers.
 COMPRESSED_ATTENTION = {"sdpa": "proxykv_sdpa", "eager": "proxykv_eager"}
 _STOCK_OF = {name: stock for stock, name in COMPRESSED_ATTENTION.items()}
-#: the key under which a compressed layer hands itself to the attention function
-LAYER_KEY = "proxykv_compressed_layer"
 
 
 def _compressed_attention(stock: str):
@@ -418,8 +418,8 @@ class CompressedCache(Cache):
             if getattr(previous, "unread", False):
                 raise RuntimeError(
                     "a per-head CompressedCache was used by an attention function that does not "
-                    f"read it (layer {layer_idx - 1}): call proxykv.hf.enable_compressed_attention(model) "
-                    "first")
+                    f"read it (layer {layer_idx - 1}): call "
+                    "proxykv.hf.enable_compressed_attention(model) first")
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if layer_idx == len(self.layers) - 1:
             self._forward_start = None  # every layer has its rows: the forward's appends hold

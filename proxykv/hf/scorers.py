@@ -401,6 +401,14 @@ class ReconstructionScorer(Scorer):
         impl: the ``attention_scores`` backend (``None``, ``"torch"``, ``"triton"``).
 
     The reconstruction extends positions to ``2T + P``; RoPE has no hard limit there.
+
+    Cost: on the CPU, for a model running ``sdpa`` and an unpadded batch, each reconstruction
+    forward's attention is computed by torch's CPU flash kernel, which also returns every query's
+    log-sum-exp (``capture_attention(with_lse=True)``); the scores then need one GEMM of the
+    queries against the context's keys only and a running max, no softmax pass of their own
+    (about 3.4x a plain prefill at 2k tokens, ``perf/bench_pipeline.py``). Elsewhere (GPU, eager,
+    soft-capping, sinks, padding) ``attention_scores`` computes its own log-sum-exp over the
+    context and reconstruction keys, as the forward saw them.
     """
 
     name = "reconstruction"
@@ -487,19 +495,31 @@ class ReconstructionScorer(Scorer):
                 n_queries = end - start
                 if n_queries <= 0:
                     continue
-                keys = call.key[rows, :, pad:length + end]
-                chunk_scores = attention_scores(
-                    call.query[rows, :, :n_queries], keys, scale=call.scaling,
-                    q_offset=keys.shape[2] - n_queries, reduce="max", group_reduce="max",
-                    impl=self.impl, **kernel_features(call.softcap, call.sinks))
+                queries = call.query[rows, :, :n_queries]
+                features = kernel_features(call.softcap, call.sinks)
+                if call.lse is not None and prompt.mask is None:
+                    # The forward's own log-sum-exps (an unpadded batch): they cover every key
+                    # the queries saw, so only the context's keys need logits, and every query
+                    # sees all of them (no causal mask, no first pass).
+                    chunk_scores = attention_scores(
+                        queries, call.key[rows, :, :length], scale=call.scaling, causal=False,
+                        reduce="max", group_reduce="max", lse=call.lse[rows, :, :n_queries],
+                        impl=self.impl, **features)
+                else:
+                    keys = call.key[rows, :, pad:length + end]
+                    chunk_scores = attention_scores(
+                        queries, keys, scale=call.scaling, q_offset=keys.shape[2] - n_queries,
+                        reduce="max", group_reduce="max", impl=self.impl,
+                        **features)[..., :valid]
                 target = layer_scores[rows, :, pad:]
-                torch.maximum(target, chunk_scores[..., :valid], out=target)
+                torch.maximum(target, chunk_scores, out=target)
 
         bounds = [(0, n_prompt)] + [
             (start, min(start + self.chunk_size, recon_length))
             for start in range(n_prompt, recon_length, self.chunk_size)]
         try:
-            with capture_attention(model, _layer_scorer(model, scores, score_layer)):
+            with capture_attention(model, _layer_scorer(model, scores, score_layer),
+                                   with_lse=prompt.mask is None):
                 for start, stop in bounds:
                     state["start"], state["stop"] = start, stop
                     mask = None if full_mask is None else full_mask[:, :length + stop]

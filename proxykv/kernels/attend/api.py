@@ -236,9 +236,10 @@ _RAISES_DOC = """
             values out of range{short}, ``scale`` or ``softcap`` not finite and > 0, ``window``
             < 1 or past ``2**31 - 1``, ``window`` without ``key_positions``.
 
-    Not checked: NaN/inf in the inputs (``sinks`` included), the values of ``key_positions``; with ``check_segments=False``, the metadata values (beyond
-    fitting int32) — out-of-range bounds read arbitrary memory and a ``max_seq_len`` shorter than
-    a segment makes the Triton path ignore that segment's rows past it.
+    Not checked: NaN/inf in the inputs (``sinks`` included), the values of ``key_positions``; with
+    ``check_segments=False``, the metadata values (beyond fitting int32) — out-of-range bounds read
+    arbitrary memory and a ``max_seq_len`` shorter than a segment makes the Triton path ignore that
+    segment's rows past it.
 """
 
 

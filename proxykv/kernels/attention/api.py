@@ -50,9 +50,9 @@ def attention_scores(
     Probabilities are the exact softmax of the logits ``scale * q @ k^T`` over the keys each query
     sees (optionally soft-capped, windowed, and with a sink in the denominator: ``softcap``,
     ``window``, ``sinks`` — what transformers' Gemma 2, sliding-window and gpt-oss attention
-    compute). Each key's probabilities are reduced over queries (``reduce``), then over the query heads of its GQA
-    group (``group_reduce``). SnapKV = ``mean``/``mean`` over an observation window; KVzip =
-    ``max``/``max`` over the context-reconstruction queries; H2O = ``sum``.
+    compute). Each key's probabilities are reduced over queries (``reduce``), then over the query
+    heads of its GQA group (``group_reduce``). SnapKV = ``mean``/``mean`` over an observation
+    window; KVzip = ``max``/``max`` over the context-reconstruction queries; H2O = ``sum``.
 
     Args:
         q: ``[B, H_q, T_q, D]`` float16/bfloat16/float32, any strides, every dimension >= 1.
@@ -77,7 +77,10 @@ def attention_scores(
             sees — **the keys only**: with ``sinks`` the op folds the sink in itself
             (``logaddexp(lse, sinks[h])``). As returned by FlashAttention / FlashInfer (and by
             ``ragged_attention(return_lse=True)``). When given, the Triton path skips its first
-            pass. Not checked against the data: a wrong ``lse`` gives wrong (unnormalised) scores.
+            pass. It may cover more keys than ``k`` holds — e.g. the softmax of a forward over
+            context and reconstruction tokens, with ``k`` the context only: the scores are then
+            the probabilities under that softmax, of the keys in ``k`` (KVzip needs no others).
+            Not checked against the data: a wrong ``lse`` gives wrong (unnormalised) scores.
         softcap: logit soft-capping (Gemma 2's ``attn_logit_softcapping``): None (off) or a finite
             real > 0; the logit of query ``i`` and key ``j`` becomes
             ``softcap * tanh(scale * q_i·k_j / softcap)`` (after the scale, before masking and
