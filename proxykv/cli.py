@@ -287,6 +287,8 @@ def _load_model(flag: str, path, device):
 
 
 def _align_train(args: argparse.Namespace) -> int:
+    """Check the arguments, load the tokenizer, the scorer and the models, then run the library's
+    ``proxykv.hf.training.train_aligner`` (the zoo's aligners run the same function)."""
     import json
 
     _require_available(args.device)
@@ -296,21 +298,25 @@ def _align_train(args: argparse.Namespace) -> int:
     proxy_shape = _model_shape(_model_folder("--proxy", args.proxy))
     out = _creatable("--out", args.out, folder=True)
     data_dir = _creatable("--data", args.data, folder=True) if args.data else out / "teacher"
-    if len(prompts) < 2:
-        raise UsageError(f"--prompts {args.prompts}: need at least 2 prompts (one is held out), "
-                         f"got {len(prompts)}")
-    from proxykv.align import fit_aligner, get_aligner
+    from proxykv.hf.training import (
+        AlignerTrainingError,
+        build_aligner,
+        check_prompt_count,
+        train_aligner,
+    )
 
-    def build_aligner(proxy_shape, target_shape):
-        try:
-            return get_aligner(args.aligner, proxy_shape, target_shape)
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"--aligner {args.aligner}: {error}") from None
+    def usage_error(error: AlignerTrainingError) -> UsageError:
+        where = {"prompts": f"--prompts {args.prompts}", "aligner": f"--aligner {args.aligner}",
+                 "data_dir": str(data_dir)}[error.argument]
+        return UsageError(f"{where}: {error}")
 
-    if target_shape is not None and proxy_shape is not None:
-        build_aligner(proxy_shape, target_shape)  # one that cannot map these models: say so now
+    try:
+        check_prompt_count(len(prompts))
+        if target_shape is not None and proxy_shape is not None:
+            build_aligner(args.aligner, proxy_shape, target_shape)  # one that cannot map the pair
+    except AlignerTrainingError as error:
+        raise usage_error(error) from None
     from proxykv.hf import get_scorer
-    from proxykv.hf.teacher import TeacherData, record_teacher_scores
     from proxykv.hf.tokenizers import load_tokenizer
 
     with _transformers_output(args.verbose):
@@ -344,33 +350,17 @@ def _align_train(args: argparse.Namespace) -> int:
         target = _load_model("--target", args.target, args.device)
         proxy = _load_model("--proxy", args.proxy, args.device)
         try:
-            record_teacher_scores(target, proxy, prompts, data_dir, tokenizer=tokenizer,
-                                  teacher_scorer=scorer, max_length=args.max_length)
-        except ValueError as error:
+            report = train_aligner(
+                target, proxy, prompts, out, aligner=args.aligner, data_dir=data_dir,
+                tokenizer=tokenizer, teacher_scorer=scorer, max_length=args.max_length,
+                epochs=args.epochs, max_seconds=args.max_seconds, val_fraction=args.val_fraction,
+                seed=args.seed, device=args.device,
+                metadata={"command": "proxykv " + " ".join(args.argv)})
+        except AlignerTrainingError as error:
+            raise usage_error(error) from None
+        except ValueError as error:  # the prompts, the models or the data folder (teacher data)
             raise UsageError(str(error)) from None
-        data = TeacherData(data_dir)  # one sample per prompt: at least 2, checked above
-        # every round(1/F)-th sample held out (at least one, at most half)
-        every = max(2, round(1 / args.val_fraction)) if args.val_fraction * len(data) >= 1 \
-            else len(data)
-        train, held_out = data.split(every)
-        import torch
-
-        torch.manual_seed(args.seed)  # the aligner's initial weights: reproducible from --seed
-        aligner = build_aligner(data.proxy_shape, data.target_shape).to(args.device)
-        try:
-            result = fit_aligner(aligner, train, val_data=held_out, epochs=args.epochs,
-                                 max_seconds=args.max_seconds, seed=args.seed)
-        except ValueError as error:  # data the fit cannot use, said before any step
-            raise UsageError(f"{data_dir}: {error}") from None
-    # the pair's identity: ProxyKV warns when the aligner is loaded for another pair
-    pair = {key: data.meta[key] for key in ("target_fingerprint", "proxy_fingerprint")
-            if key in data.meta}
-    aligner.save(out, metadata={"command": "proxykv " + " ".join(args.argv), **pair,
-                                "samples": len(data), "held_out": len(held_out),
-                                "method": result.method, "epochs": result.epochs,
-                                "seconds": round(result.seconds, 1), "metrics": result.metrics})
-    print(json.dumps({"aligner": args.aligner, "out": str(out), "samples": len(data),
-                      "epochs": result.epochs, "metrics": result.metrics}, indent=1))
+    print(json.dumps(report, indent=1))
     return 0
 
 

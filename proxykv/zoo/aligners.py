@@ -1,13 +1,14 @@
-"""The zoo's trained aligners, made with ``proxykv align-train`` on teacher data from training
-seeds only: ``linear`` (closed form) and ``axial`` (the multi-granularity hybrid loss).
+"""The zoo's trained aligners, fitted on teacher data from training seeds only: ``linear``
+(closed form) and ``axial`` (the multi-granularity hybrid loss).
 
     python -m proxykv.zoo.aligners [--target DIR --proxy DIR --out WEIGHTS_DIR]
 
 writes the teacher contexts (rendered as text, one per line) to ``WEIGHTS_DIR/teacher/prompts.txt``
-and runs ``proxykv align-train --repeat-prompt "<repeat>" ...`` once per aligner into
-``WEIGHTS_DIR/aligner_linear`` and ``WEIGHTS_DIR/aligner_axial`` (the second run reuses the
-teacher data of the first, in ``WEIGHTS_DIR/teacher``, which is not committed). Each aligner's
-``config.json`` records the command and its held-out metrics.
+and runs ``proxykv.hf.training.train_aligner`` -- the function behind ``proxykv align-train`` --
+once per aligner into ``WEIGHTS_DIR/aligner_linear`` and ``WEIGHTS_DIR/aligner_axial``, with the
+reconstruction scorer's repeat prompt ``<repeat>`` (the second run reuses the teacher data of the
+first, in ``WEIGHTS_DIR/teacher``, which is not committed). Each aligner's ``config.json`` records
+its held-out metrics and the ``proxykv align-train`` command that trains the same aligner.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ def teacher_prompts(n_per_task: int = TEACHER_SAMPLES, length: int = TEACHER_LEN
 def train_aligners(target_dir, proxy_dir, out_dir, *, data_dir=None,
                    n_per_task=TEACHER_SAMPLES, length=TEACHER_LENGTH, seed: int = 0,
                    max_seconds: float = 300.0) -> None:
-    """Write the teacher prompts and run ``proxykv align-train`` for ``linear`` and ``axial``."""
+    """Write the teacher prompts and fit ``linear`` and ``axial`` with
+    ``proxykv.hf.training.train_aligner``, printing each report (as ``proxykv align-train``)."""
+    import json
     import os
 
-    from proxykv.cli import main as cli
+    from transformers import AutoModelForCausalLM
+
+    from proxykv._quiet import transformers_output
+    from proxykv.hf import get_scorer
+    from proxykv.hf.tokenizers import load_tokenizer
+    from proxykv.hf.training import train_aligner
 
     def shown(path) -> str:  # relative where it can be, so the recorded command is portable
         relative = os.path.relpath(path)
@@ -52,17 +60,28 @@ def train_aligners(target_dir, proxy_dir, out_dir, *, data_dir=None,
     out_dir = Path(shown(out_dir))
     data_dir = Path(data_dir) if data_dir else out_dir / "teacher"
     data_dir.mkdir(parents=True, exist_ok=True)
-    prompts = data_dir / "prompts.txt"
-    prompts.write_text("".join(T.render(p) + "\n" for p in teacher_prompts(n_per_task, length,
-                                                                             seed)))
-    for name in ("linear", "axial"):
-        code = cli(["align-train", "--target", str(target_dir), "--proxy", str(proxy_dir),
-                    "--prompts", str(prompts), "--out", str(out_dir / f"aligner_{name}"),
-                    "--aligner", name, "--data", str(data_dir), "--repeat-prompt",
-                    T.SPECIAL_TOKENS[T.REPEAT], "--max-seconds", str(max_seconds),
-                    "--seed", str(seed)])
-        if code:
-            raise RuntimeError(f"proxykv align-train ({name}) exited with {code}")
+    prompts_file = data_dir / "prompts.txt"
+    prompts = [T.render(p) for p in teacher_prompts(n_per_task, length, seed)]
+    prompts_file.write_text("".join(prompt + "\n" for prompt in prompts))
+    repeat = T.SPECIAL_TOKENS[T.REPEAT]
+    with transformers_output(False):
+        tokenizer = load_tokenizer(target_dir)
+        scorer = get_scorer("reconstruction", tokenizer=tokenizer, repeat_prompt=tokenizer(
+            repeat, add_special_tokens=False)["input_ids"])
+        target, proxy = (AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+                         for folder in (target_dir, proxy_dir))
+        for name in ("linear", "axial"):
+            out = out_dir / f"aligner_{name}"
+            # the command line that trains the same aligner, recorded with it
+            command = ["proxykv", "align-train", "--target", str(target_dir), "--proxy",
+                       str(proxy_dir), "--prompts", str(prompts_file), "--out", str(out),
+                       "--aligner", name, "--data", str(data_dir), "--repeat-prompt", repeat,
+                       "--max-seconds", str(max_seconds), "--seed", str(seed)]
+            report = train_aligner(target, proxy, prompts, out, aligner=name, data_dir=data_dir,
+                                   tokenizer=tokenizer, teacher_scorer=scorer,
+                                   max_seconds=max_seconds, seed=seed, device="cpu",
+                                   metadata={"command": " ".join(command)})
+            print(json.dumps(report, indent=1))
 
 
 def main(argv=None) -> int:
