@@ -2,7 +2,6 @@
 reference, over shapes, GQA ratios, layouts, dtypes, masks and every reduction."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -452,20 +451,11 @@ def test_transformers_eager_softcap_sinks_and_window(device):
     over queries and averaged over each GQA group are the scores."""
     gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
-    from transformers.masking_utils import sliding_window_causal_mask_function
+    from proxykv.testing.eager import eager_attention_case
 
-    generator = torch.Generator().manual_seed(11)
-    b, h_q, h_kv, t, d, window = 2, 4, 2, 37, 16, 9
-    q = torch.randn(b, h_q, t, d, generator=generator, dtype=torch.float64)
-    k = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64) * 2
-    v = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64)
-    positions = torch.arange(t)
-    allowed = sliding_window_causal_mask_function(window)(0, 0, positions[:, None],
-                                                          positions[None, :])
-    mask = torch.zeros(t, t, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    sinks = torch.randn(h_q, generator=generator, dtype=torch.float64)
-    module = SimpleNamespace(num_key_value_groups=h_q // h_kv, head_dim=d, training=False,
-                             sinks=sinks)
+    case = eager_attention_case(11, length=37, window=9)
+    q, k, v, mask, sinks, module = case.q, case.k, case.v, case.mask, case.sinks, case.module
+    b, h_q, h_kv, t, d, window = case.b, case.h_q, case.h_kv, case.t, case.d, case.window
     _, gemma_probs = gemma2.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5,
                                                     softcap=3.0)
     _, oss_probs = gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from proxykv.testing import assertions
+
 pytest.importorskip("transformers")
 
 from proxykv.cli import main
@@ -337,15 +339,7 @@ def test_without_the_lock_the_first_complete_folder_is_kept(cache, fake_convert,
 
 def usage_error(argv, capsys) -> str:
     """The one line ``main(argv)`` writes to stderr when it exits with code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 2, captured.err
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and "error:" in lines[0], captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
+    return assertions.usage_error(main, argv, capsys)
 
 
 @pytest.mark.parametrize("flags", [[], ["--quiet"], ["--verbose"]])

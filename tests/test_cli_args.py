@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from proxykv.testing import assertions
+
 pytest.importorskip("transformers")
 
 from proxykv import cli
@@ -57,15 +59,7 @@ def no_loading(monkeypatch):
 
 def usage_error(argv, capsys) -> str:
     """The one line ``main(argv)`` writes to stderr when it exits with code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 2, captured.err
-    assert captured.out == ""
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and "error:" in lines[0], captured.err
-    assert "Traceback" not in captured.err
-    return lines[0]
+    return assertions.usage_error(main, argv, capsys)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 dispatcher against the per-head reference and against dense attention restricted to each head's
 kept positions; both metadata layouts (packed, with spare room); GQA; empty segments; bad input."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,7 +174,7 @@ def test_inputs_are_not_modified(device):
         assert torch.equal(original, now)
 
 
-# ------------------------------------------------ softcap, sinks, sliding window (both entry points)
+# ---------------------------------------------- softcap, sinks, sliding window (both entry points)
 
 @st.composite
 def feature_cases(draw):
@@ -193,9 +192,10 @@ def feature_cases(draw):
     window = draw(st.none() | st.sampled_from([1, 2, 5, 31, 33, 64, 300]) | st.integers(1, 400))
     softcap = draw(st.sampled_from([None, 0.5, 5.0, 30.0]))
     sinks = draw(st.sampled_from([None, "normal", "large", "very_negative", "mixed"]))
-    return {"b": b, "h_q": h_q, "h_kv": h_kv, "d": d, "num_new": num_new, "contexts": contexts, "spare": spare,
-                "window": window, "softcap": softcap, "sinks": sinks, "dtype": draw(pst.dtypes()),
-                "scale": draw(st.sampled_from([None, 0.5])), "seed": draw(st.integers(0, 10_000))}
+    return {"b": b, "h_q": h_q, "h_kv": h_kv, "d": d, "num_new": num_new, "contexts": contexts,
+            "spare": spare, "window": window, "softcap": softcap, "sinks": sinks,
+            "dtype": draw(pst.dtypes()), "scale": draw(st.sampled_from([None, 0.5])),
+            "seed": draw(st.integers(0, 10_000))}
 
 
 def _build_features(case, device, decode: bool):
@@ -275,8 +275,9 @@ def test_features_on_every_split_plan(keys_per_split, device):
     window write an empty partial (LSE -inf); T_new x G = 24 rows make two query blocks."""
     from proxykv.kernels.attend.reference import ragged_attention_reference
 
-    case = {"b": 2, "h_q": 4, "h_kv": 2, "d": 16, "num_new": 6, "contexts": [0, 130, 9, 64], "spare": [2, 0, 1, 0],
-                "window": 40, "softcap": 3.0, "sinks": "mixed", "dtype": torch.float32, "scale": None, "seed": 3}
+    case = {"b": 2, "h_q": 4, "h_kv": 2, "d": 16, "num_new": 6, "contexts": [0, 130, 9, 64],
+            "spare": [2, 0, 1, 0], "window": 40, "softcap": 3.0, "sinks": "mixed",
+            "dtype": torch.float32, "scale": None, "seed": 3}
     q, k, v, cu_seqlens, seq_lens, kwargs = _build_features(case, device, decode=False)
     block_n = decode_triton.gpu_tile(torch.float32)[0] if q.is_cuda else 32
     plan = decode_triton.plan_ragged_attention(
@@ -339,28 +340,18 @@ def test_transformers_eager_gpt_oss_sinks_and_gemma2_softcap(device):
     each with transformers' sliding-window causal mask."""
     gemma2 = pytest.importorskip("transformers.models.gemma2.modeling_gemma2")
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
-    from transformers.masking_utils import sliding_window_causal_mask_function
-
     from proxykv.kernels import ragged_attention
+    from proxykv.testing.eager import eager_attention_case
 
-    generator = torch.Generator().manual_seed(13)
-    b, h_q, h_kv, t, d, window = 2, 4, 2, 41, 16, 11
-    q = torch.randn(b, h_q, t, d, generator=generator, dtype=torch.float64)
-    k = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64) * 2
-    v = torch.randn(b, h_kv, t, d, generator=generator, dtype=torch.float64)
-    positions = torch.arange(t)
-    allowed = sliding_window_causal_mask_function(window)(0, 0, positions[:, None],
-                                                          positions[None, :])
-    mask = torch.zeros(t, t, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
-    sinks = torch.randn(h_q, generator=generator, dtype=torch.float64) * 2
-    module = SimpleNamespace(num_key_value_groups=h_q // h_kv, head_dim=d, training=False,
-                             sinks=sinks)
+    case = eager_attention_case(13, length=41, window=11, sink_scale=2.0)
+    q, k, v, mask, sinks, module = case.q, case.k, case.v, case.mask, case.sinks, case.module
+    b, h_kv, t, d, window = case.b, case.h_kv, case.t, case.d, case.window
     oss_out, _ = gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
     gemma_out, _ = gemma2.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5,
                                                   softcap=4.0)
     cu_seqlens = torch.arange(0, b * h_kv * t + 1, t, dtype=torch.int32, device=device)
     packed = [x.float().reshape(-1, d).to(device) for x in (k, v)]
-    key_positions = positions.repeat(b * h_kv).to(device)
+    key_positions = torch.arange(t).repeat(b * h_kv).to(device)
     for expected, features in [(oss_out, {"sinks": sinks.float().to(device)}),
                                (gemma_out, {"softcap": 4.0})]:
         for impl in ("torch", "triton"):

@@ -69,3 +69,19 @@ def assert_same_topk_scores(scores: torch.Tensor, indices_a: torch.Tensor,
         where = (chosen_a != chosen_b).nonzero()[0].tolist()
         raise AssertionError(f"{name}: chosen scores differ beyond ties, first at {where}: "
                              f"{chosen_a[tuple(where)].item()} vs {chosen_b[tuple(where)].item()}")
+
+
+def usage_error(main, argv, capsys) -> str:
+    """The one line the command line ``main(argv)`` writes to stderr when it exits with code 2
+    (pytest's ``capsys``): nothing on stdout, no traceback."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
