@@ -226,6 +226,14 @@ def test_with_lse_follows_a_padding_mask_and_skips_what_it_cannot_take(models):
     assert seen[0][-1] is None
     with pytest.raises(TypeError, match="with_lse must be a bool"):
         capture_attention(model, lambda call: None, with_lse=1)
+    capture = capture_attention(model, lambda call: None, with_lse=True)
+    query = torch.zeros(1, 4, 3, 16)
+    plain = {"softcap": None, "sinks": None, "sliding_window": None}
+    assert capture._flash_applies(query, None, plain, (), {})
+    for kwargs in ({"is_causal": False}, {"dropout": 0.1}, {"position_bias": query}):
+        assert not capture._flash_applies(query, None, plain, (), kwargs), kwargs
+    assert not capture._flash_applies(query, None, {**plain, "softcap": 5.0}, (), {})
+    assert not capture._flash_applies(query, None, plain, (), {"proxykv_compressed_layer": 1})
 
 
 def test_reconstruction_scores_do_not_depend_on_where_the_lse_comes_from(models, monkeypatch):

@@ -255,10 +255,13 @@ class AttentionCapture:
     def _flash_applies(self, query, attention_mask, features, args, kwargs) -> bool:
         """Whether this layer's stock attention is plain ``sdpa`` on the CPU, which torch's CPU
         flash kernel computes while returning each row's log-sum-exp (no soft-cap, sink or window,
-        no dropout, no compressed cache layer, a boolean or no mask)."""
+        no dropout, no position bias, not a non-causal call, no compressed cache layer, a boolean
+        or no mask)."""
         return (_FLASH_CPU is not None and query.device.type == "cpu"
                 and self.previous_implementation in ("sdpa", "proxykv_sdpa")
                 and not args and LAYER_KEY not in kwargs and not kwargs.get("dropout")
+                and kwargs.get("is_causal", True) is not False
+                and kwargs.get("position_bias") is None
                 and all(value is None for value in features.values())
                 and query.dtype in (torch.float32, torch.bfloat16)
                 and (attention_mask is None or attention_mask.dtype == torch.bool))
