@@ -247,3 +247,34 @@ def test_reconstruction_scores_do_not_depend_on_where_the_lse_comes_from(models,
     monkeypatch.setattr(capture_module, "_FLASH_CPU", None)  # the stock attention, no lse
     without, _ = scorer.score(model, ids)
     torch.testing.assert_close(with_lse, without, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["noncausal", "square", "past", "causal_mask", "padded_mask"])
+def test_flash_attention_with_lse_equals_sdpa(case):
+    from types import SimpleNamespace
+
+    from proxykv.hf.capture import _flash_attention_with_lse
+
+    g = torch.Generator().manual_seed(8)
+    batch = 2 if case == "padded_mask" else 1
+    t_new, t_k = (9, 9) if case in ("square", "noncausal") else (5, 14)
+    q = torch.randn(batch, 4, t_new, 8, generator=g)
+    k, v = torch.randn(batch, 2, t_k, 8, generator=g), torch.randn(batch, 2, t_k, 8, generator=g)
+    seen = torch.ones(t_new, t_k, dtype=torch.bool).tril(t_k - t_new)
+    mask = None
+    if case == "noncausal":
+        seen = torch.ones(t_new, t_k, dtype=torch.bool)
+    elif case == "causal_mask":
+        mask = seen[None, None]
+    elif case == "padded_mask":
+        mask = seen[None, None].repeat(2, 1, 1, 1)
+        mask[1, :, :, :3] = False  # row 1 is left-padded by 3
+    module = SimpleNamespace(is_causal=case != "noncausal")
+    output, lse = _flash_attention_with_lse(module, q, k, v, mask, 0.3)
+    full_mask = seen[None, None] if mask is None else mask
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=full_mask,
+                                                               scale=0.3)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    logits = (0.3 * q @ kk.transpose(-1, -2)).masked_fill(~full_mask, float("-inf"))
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)

@@ -154,9 +154,9 @@ def _causal_square(size: int, device: torch.device) -> torch.Tensor:
 
 
 def _flash_attention_with_lse(module, query, key, value, attention_mask, scaling: float):
-    """``sdpa``'s output of one layer, transposed as transformers' ``sdpa_attention_forward``
-    returns it (``[B, T_new, H_q, D]``), and each query's log-sum-exp ``[B, H_q, T_new]``, from
-    torch's CPU flash kernel (the kernel ``sdpa`` itself runs on the CPU for these inputs).
+    """``sdpa``'s output of one layer (to float rounding), transposed as transformers'
+    ``sdpa_attention_forward`` returns it (``[B, T_new, H_q, D]``), and each query's log-sum-exp
+    ``[B, H_q, T_new]``, from torch's CPU flash kernel (the kernel ``sdpa`` runs on the CPU).
     ``attention_mask``: transformers' boolean ``[B, 1, T_new, T_k]`` (True = seen) or None
     (causal, the queries being the last ``T_new`` positions). A plain causal mask runs as two
     unmasked calls merged (the masked kernel cannot skip what the mask hides: 1.4x slower on a
@@ -170,12 +170,15 @@ def _flash_attention_with_lse(module, query, key, value, attention_mask, scaling
             batch, heads * groups, length, value.shape[-1])
     t_new, t_k = query.shape[2], key.shape[2]
     past = t_k - t_new  # the queries are the last t_new positions
-    if attention_mask is not None:
-        seen = attention_mask[..., :t_k]
-        plain_causal = seen.shape[0] == 1 and bool(seen[0, 0, :, :past].all()) and bool(
-            torch.equal(seen[0, 0, :, past:], _causal_square(t_new, query.device)))
+    if attention_mask is None:
+        if not getattr(module, "is_causal", True):  # every query sees every key
+            output, lse = _FLASH_CPU(query, key, value, 0.0, False, scale=scaling)[:2]
+            return output.transpose(1, 2).contiguous(), lse
+        plain_causal = True
     else:
-        plain_causal = getattr(module, "is_causal", True)
+        seen = attention_mask[..., :t_k]
+        plain_causal = seen.shape[:2] == (1, 1) and bool(seen[0, 0, :, :past].all()) and bool(
+            torch.equal(seen[0, 0, :, past:], _causal_square(t_new, query.device)))
     if plain_causal:
         # Unmasked kernels: the keys before the queries, seen by all; then the queries' own
         # square block, causal (the kernel's causal mask is top-left aligned, right for a square).
