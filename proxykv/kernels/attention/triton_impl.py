@@ -108,8 +108,10 @@ def _lse_masked_tile(row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys,
                      key_start, split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2,
                      cap2, CAUSAL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_IEEE: tl.constexpr):
-    """Pass 1's masked key tile when ``softcap`` or ``window`` is on: cap the logits first (the
-    max is then taken after scaling), mask causal/window/split end, fold with a guarded update."""
+    """Pass 1's masked key tile: mask causal (window) and split end, fold into the running max
+    and sum. With ``softcap`` the logits are capped first (the max is then taken after scaling);
+    with ``window`` a row may see none of the tile, so the update is guarded. Without either it
+    is the plain tile (the flags are constexpr: the same code as before they existed)."""
     key_ok = tile_keys < split_end - key_start
     k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
                   mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
@@ -208,20 +210,10 @@ def attention_lse_fwd_kernel(
             row_max, row_sum = _online_log2_sum_exp(row_max, row_sum,
                                                     _logits(q, k_t, UPCAST, DOT_IEEE), qk_scale2)
     for key_start in range(interior_end, split_end, BLOCK_N):
-        if HAS_SOFTCAP or HAS_WINDOW:
-            row_max, row_sum = _lse_masked_tile(
-                row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys, dim_ok, key_start,
-                split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2, cap2, CAUSAL,
-                HAS_SOFTCAP, HAS_WINDOW, UPCAST, DOT_IEEE)
-        else:
-            key_ok = tile_keys < split_end - key_start
-            k_t = tl.load(k_head_ptr + key_start * stride_kt + k_tile_offsets,
-                          mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-            visible = key_ok[None, :]
-            if CAUSAL:
-                visible = visible & (tile_keys[None, :] <= (query_pos - key_start)[:, None])
-            s = tl.where(visible, _logits(q, k_t, UPCAST, DOT_IEEE), float("-inf"))
-            row_max, row_sum = _online_log2_sum_exp(row_max, row_sum, s, qk_scale2)
+        row_max, row_sum = _lse_masked_tile(
+            row_max, row_sum, q, k_head_ptr, k_tile_offsets, tile_keys, dim_ok, key_start,
+            split_end, query_pos, window, stride_kt, qk_scale2, cap_scale2, cap2, CAUSAL,
+            HAS_SOFTCAP, HAS_WINDOW, UPCAST, DOT_IEEE)
     # The keys a row sees form a prefix of every split (causal and valid-length masks), so its
     # first tile either shows it a key or it sees none at all. A row that sees none has computed
     # -inf - -inf = NaN above; NaN > 0 is false, so it gets lse = -inf here. (With a window the
