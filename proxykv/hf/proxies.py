@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from proxykv._validation import check_int
 from proxykv.hf.architectures import layer_layout
 from proxykv.hf.capture import check_supported_model
+from proxykv.hf.compressed import stock_implementation
 
 #: the attribute path of the decoder layers of the supported families (``model.model.layers``)
 _LAYERS = "layers"
@@ -63,8 +64,6 @@ def early_layers_proxy(model, num_layers: int) -> PreTrainedModel:
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = list(config.layer_types[:num_layers])
     # The target may run proxykv's compressed attention; the proxy starts from the stock one.
-    from proxykv.hf.compressed import stock_implementation
-
     config._attn_implementation = stock_implementation(model)
     with torch.device("meta"):
         proxy = type(model)(config)

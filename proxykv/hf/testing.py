@@ -34,10 +34,9 @@ TINY_CONFIGS = {
 }
 
 
-def _alternating(num_layers: int, sliding_first: bool = True) -> list[str]:
+def _alternating(num_layers: int) -> list[str]:
+    """Sliding, full, sliding, ...: every family's hybrid layout, in miniature."""
     kinds = ("sliding_attention", "full_attention")
-    if not sliding_first:
-        kinds = kinds[::-1]
     return [kinds[index % 2] for index in range(num_layers)]
 
 
