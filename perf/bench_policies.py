@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runner import Recorder, main_for
 
 from proxykv.kernels import pool_scores
-from proxykv.policies import get_policy
+from proxykv.policies import get_policy, normalize_head_scores
 
 
 def sorted_top_mask(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -35,9 +35,12 @@ def naive_topk(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def naive_head_budget_global(scores: torch.Tensor, budget: int, alpha: float) -> torch.Tensor:
+    """The floor by each head's own scores, the rest by one sort of the normalised scores (the
+    policy's default, ``normalize="softmax"``) over the model."""
     batch, layers, heads, _ = scores.shape
     floor_mask = naive_topk(scores, int(alpha * budget + 0.5))
-    rest = scores.masked_fill(floor_mask, float("-inf")).reshape(batch, -1)
+    compared = normalize_head_scores(scores, "softmax")
+    rest = compared.masked_fill(floor_mask, float("-inf")).reshape(batch, -1)
     counts = torch.full((batch,), budget * layers * heads, device=scores.device) \
         - floor_mask.reshape(batch, -1).sum(-1)
     return floor_mask | sorted_top_mask(rest, counts).view(scores.shape)

@@ -99,13 +99,16 @@ def test_fully_invalid_scores_keep_nothing(device):
 
 
 # ----------------------------------------------------------------------------------- head_budget
+@pytest.mark.parametrize("normalize", ["softmax", "sum", "none"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @given(scores=score_cases(), alpha=st.sampled_from([0.0, 0.2, 0.5, 1.0]), data=st.data())
-def test_head_budget_matches_the_adakv_oracle(scope, scores, alpha, data, device):
+def test_head_budget_matches_the_adakv_oracle(scope, normalize, scores, alpha, data, device):
+    if normalize == "sum":  # attention mass: >= 0
+        scores = torch.where(scores > NEG_INF, scores.abs(), scores)
     budget = data.draw(st.integers(1, scores.shape[-1]))
-    policy = get_policy("head_budget", scope=scope, alpha=alpha)
+    policy = get_policy("head_budget", scope=scope, alpha=alpha, normalize=normalize)
     selection, mask = keep_mask(policy, scores, device, budget=budget)
-    assert torch.equal(mask, ref.head_budget_reference(scores, budget, scope, alpha))
+    assert torch.equal(mask, ref.head_budget_reference(scores, budget, scope, alpha, normalize))
     assert selection.is_ragged and selection.budget == budget
     valid = valid_counts(scores)
     pooled_dims = (2,) if scope == "layer" else (1, 2)
@@ -118,12 +121,15 @@ def test_head_budget_matches_the_adakv_oracle(scope, scores, alpha, data, device
     assert bool((mask.sum(-1) >= valid.clamp(max=floor)).all())
 
 
-def test_head_budget_moves_budget_to_the_head_with_spread_scores(device):
+@pytest.mark.parametrize("normalize", ["softmax", "sum", "none"])
+def test_head_budget_moves_budget_to_the_head_with_spread_scores(normalize, device):
     peaked = torch.tensor([9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     spread = torch.tensor([5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 1.0, 1.0])
     scores = torch.stack([peaked, spread]).view(1, 1, 2, 8)
-    selection = get_policy("head_budget", alpha=0.25).select(scores.to(device), budget=4)
-    # floor 1 each; the other 6 go to 9, 8 (head 0) and the four 5s left in head 1.
+    policy = get_policy("head_budget", alpha=0.25, normalize=normalize)
+    selection = policy.select(scores.to(device), budget=4)
+    # floor 1 each (9; the first 5); the other 6 go to 8 (head 0) and the five 5s left in head 1,
+    # raw or normalised (softmax: 8 -> -1.31, 5 -> -1.79, 0 -> -9.3; sum: 8/17, 5/32, 0).
     assert selection.counts().tolist() == [[[2, 6]]]
 
 

@@ -13,7 +13,12 @@ Policies compose from building blocks (see ``proxykv.policies.base``): protectio
 
 from proxykv.policies.base import Policy, Wrapper
 from proxykv.policies.budget import keep_ratio_to_budget
-from proxykv.policies.head_budget import HEAD_BUDGET_SCOPES, HeadBudget
+from proxykv.policies.head_budget import (
+    HEAD_BUDGET_NORMALIZATIONS,
+    HEAD_BUDGET_SCOPES,
+    HeadBudget,
+    normalize_head_scores,
+)
 from proxykv.policies.pooled import Pooled
 from proxykv.policies.protection import Protected, Recency, RecentWindow, protect
 from proxykv.policies.pyramid import Pyramid
@@ -28,20 +33,22 @@ from proxykv.policies.threshold import Threshold
 from proxykv.policies.uniform import UniformTopK
 
 __all__ = [
+    "HEAD_BUDGET_NORMALIZATIONS",
     "HEAD_BUDGET_SCOPES",
     "HeadBudget",
     "Policy",
     "Pooled",
     "Protected",
     "Pyramid",
-    "RecentWindow",
     "Recency",
+    "RecentWindow",
     "Threshold",
     "UniformTopK",
     "Wrapper",
     "available_policies",
     "get_policy",
     "keep_ratio_to_budget",
+    "normalize_head_scores",
     "protect",
     "register_policy",
     "top_count_mask",

@@ -7,6 +7,7 @@ cut-value arithmetic of the real implementation. Only for small inputs.
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -35,27 +36,53 @@ def topk_reference(scores: torch.Tensor, budgets) -> torch.Tensor:
     return mask
 
 
+def normalized_rows_reference(scores: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Each ``(b, l, h)`` row of ``scores`` on its own, in Python floats: ``"softmax"`` subtracts
+    the log of the sum of ``exp`` of the row's finite entries, ``"sum"`` divides them by their sum
+    (unchanged when it is 0), ``"none"`` keeps them; +-inf entries stay. Rounded to float32."""
+    out = scores.double().clone()
+    for index in _row_indices(scores):
+        row = scores[index].tolist()
+        finite = [value for value in row if math.isfinite(value)]
+        if normalize == "softmax" and finite:
+            top = max(finite)
+            offset = top + math.log(math.fsum(math.exp(value - top) for value in finite))
+            row = [value - offset if math.isfinite(value) else value for value in row]
+        elif normalize == "sum" and math.fsum(finite) > 0:
+            total = math.fsum(finite)
+            row = [value / total if math.isfinite(value) else value for value in row]
+        out[index] = torch.tensor(row, dtype=torch.float64)
+    return out.float()
+
+
+def _row_indices(scores: torch.Tensor):
+    batch, layers, heads, _ = scores.shape
+    return [(b, layer, h) for b in range(batch) for layer in range(layers) for h in range(heads)]
+
+
 def head_budget_reference(scores: torch.Tensor, budgets, scope: str,
-                          alpha: float) -> torch.Tensor:
+                          alpha: float, normalize: str = "softmax") -> torch.Tensor:
     """AdaKV: each head keeps its best ``floor(alpha * budget + 0.5)`` positions, then the scope
-    (a layer, or the whole model) keeps its best remaining entries — ordered by score, then
-    (layer, head, position) — until it holds the sum of its heads' budgets. ``budgets``: one int
-    for every head, or nested lists ``[B][L][H]``."""
+    (a layer, or the whole model) keeps its best remaining entries — ordered by the heads'
+    ``normalize``d scores (``normalized_rows_reference``), then (layer, head, position) — until it
+    holds the sum of its heads' budgets. ``budgets``: one int for every head, or nested lists
+    ``[B][L][H]``."""
     batch, layers, heads, seq_len = scores.shape
     if isinstance(budgets, int):
         budgets = [[[budgets] * heads for _ in range(layers)] for _ in range(batch)]
     floors = [[[int(alpha * budgets[b][layer][h] + 0.5) for h in range(heads)]
                for layer in range(layers)] for b in range(batch)]
     mask = topk_reference(scores, floors)
+    compared = normalized_rows_reference(scores, normalize)
     groups = [[(layer,) for layer in range(layers)]] if scope == "global" else \
         [[(layer,)] for layer in range(layers)]
     for b in range(batch):
         for group_layers in groups:
-            entries = []  # (score, layer, head, position) of what the floor did not take
+            entries = []  # (compared score, layer, head, position) of what the floor did not take
             valid = 0
             for (layer,) in group_layers:
                 for h in range(heads):
-                    row = scores[b, layer, h].tolist()
+                    row = compared[b, layer, h].tolist()
                     valid += sum(value != NEG_INF for value in row)
                     entries += [(row[t], layer, h, t) for t in range(seq_len)
                                 if row[t] != NEG_INF and not mask[b, layer, h, t]]
