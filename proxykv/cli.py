@@ -209,12 +209,34 @@ def _model_folder(label: str, path, *, tokenizer: bool = False) -> dict:
 
 
 def _model_shape(config: dict) -> tuple[int, int] | None:
-    """(layers, KV heads) of a model's config.json, as ProxyKV counts them; None if unknown."""
+    """(compressible layers, KV heads) of a model's config.json, as ProxyKV counts them (the
+    full-attention entries of ``layer_types`` when the config lists them); None if unknown."""
     try:
-        return (int(config["num_hidden_layers"]),
-                int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+        types = config.get("layer_types")
+        layers = sum(kind == "full_attention" for kind in types) if isinstance(types, list) \
+            else int(config["num_hidden_layers"])
+        return layers, int(config.get("num_key_value_heads") or config["num_attention_heads"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _model_source(flag: str, value: str):
+    """The folder of ``--target``/``--proxy`` ``value``: a folder, or the name of a registry
+    checkpoint (``proxykv fetch``'s), built on first use."""
+    from pathlib import Path
+
+    if Path(value).is_dir():
+        return Path(value)
+    names = _CheckpointNames._names() or ()
+    if value not in names:
+        known = f", nor a checkpoint name ({', '.join(names)})" if names else ""
+        raise UsageError(f"{flag} {value}: no such folder{known}")
+    from proxykv.hf import checkpoints
+
+    try:
+        return Path(checkpoints.get(value))
+    except checkpoints.CheckpointPackageError as error:
+        raise UsageError(f"{flag} {value}: {error}") from None
 
 
 def _creatable(flag: str, path, *, folder: bool):
@@ -293,9 +315,22 @@ def _align_train(args: argparse.Namespace) -> int:
 
     _require_available(args.device)
     _need_transformers("align-train")
-    prompts = _read_prompts(args.prompts)
-    target_shape = _model_shape(_model_folder("--target", args.target))
-    proxy_shape = _model_shape(_model_folder("--proxy", args.proxy))
+    if (args.proxy is None) == (args.proxy_layers is None):
+        raise UsageError("give exactly one of --proxy DIR and --proxy-layers N")
+    if (args.prompts is None) == (args.corpus_prompts is None):
+        raise UsageError("give exactly one of --prompts FILE and --corpus-prompts N")
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    args.target = _model_source("--target", args.target)
+    target_config = _model_folder("--target", args.target)
+    target_shape = _model_shape(target_config)
+    if args.proxy_layers is not None:
+        total = int(target_config.get("num_hidden_layers", 0) or 0)
+        if total and args.proxy_layers >= total:
+            raise UsageError(f"--proxy-layers {args.proxy_layers}: the target has {total} layers, "
+                             f"so at most {total - 1}")
+        proxy_shape = None  # known once the target is loaded
+    else:
+        proxy_shape = _model_shape(_model_folder("--proxy", args.proxy))
     out = _creatable("--out", args.out, folder=True)
     data_dir = _creatable("--data", args.data, folder=True) if args.data else out / "teacher"
     from proxykv.hf.training import (
@@ -311,7 +346,7 @@ def _align_train(args: argparse.Namespace) -> int:
         return UsageError(f"{where}: {error}")
 
     try:
-        check_prompt_count(len(prompts))
+        check_prompt_count(len(prompts) if prompts is not None else args.corpus_prompts)
         if target_shape is not None and proxy_shape is not None:
             build_aligner(args.aligner, proxy_shape, target_shape)  # one that cannot map the pair
     except AlignerTrainingError as error:
@@ -325,7 +360,18 @@ def _align_train(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             raise UsageError(f"--target {args.target}: cannot load its tokenizer "
                              f"({_first_line(error)})") from None
-        if tokenizer is None:  # a checkpoint without a tokenizer: lines of token ids
+        if prompts is None:
+            if tokenizer is None:
+                raise UsageError(f"--corpus-prompts: --target {args.target} has no tokenizer to "
+                                 f"encode the corpus with")
+            from proxykv.realtext import text_prompts
+
+            try:
+                prompts = text_prompts(tokenizer, args.corpus_prompts, args.max_length or 1024,
+                                       seed=args.seed, split="train")
+            except ValueError as error:
+                raise UsageError(f"--corpus-prompts {args.corpus_prompts}: {error}") from None
+        elif tokenizer is None:  # a checkpoint without a tokenizer: lines of token ids
             try:
                 prompts = [[int(word) for word in line.split()] for line in prompts]
             except ValueError:
@@ -348,7 +394,15 @@ def _align_train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             raise UsageError(f"--repeat-prompt: {error}") from None
         target = _load_model("--target", args.target, args.device)
-        proxy = _load_model("--proxy", args.proxy, args.device)
+        if args.proxy_layers is not None:
+            from proxykv.hf import early_layers_proxy
+
+            try:
+                proxy = early_layers_proxy(target, args.proxy_layers)
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"--proxy-layers {args.proxy_layers}: {error}") from None
+        else:
+            proxy = _load_model("--proxy", args.proxy, args.device)
         try:
             report = train_aligner(
                 target, proxy, prompts, out, aligner=args.aligner, data_dir=data_dir,
@@ -445,8 +499,6 @@ def _check_eval_length(length: int, methods, keep_ratios, configs) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import importlib.util
-    import json
     import shlex
     from pathlib import Path
 
@@ -465,6 +517,17 @@ def _eval(args: argparse.Namespace) -> int:
         zoo_aligner_folders,
     )
 
+    if _suite(args) == "realtext":
+        return _eval_realtext(args)
+    if args.proxy_layers is not None:
+        raise UsageError("--proxy-layers: the zoo's tasks run on a pair of folders; the "
+                         "early-layers proxy is for --suite realtext")
+    if args.length is None:
+        args.length = [1024]
+    if len(args.length) != 1:
+        raise UsageError(f"--length {' '.join(map(str, args.length))}: the zoo's tasks run at one "
+                         f"length (several are for --suite realtext)")
+    args.length = args.length[0]
     # the pair: both folders of one's own, or neither (the zoo's)
     for flag in ("target", "proxy"):
         value = getattr(args, flag)
@@ -511,10 +574,7 @@ def _eval(args: argparse.Namespace) -> int:
     keep_ratios = tuple(args.keep_ratios or ((0.1, 0.3) if args.quick else KEEP_RATIOS))
     _no_repeats("--keep-ratios", keep_ratios)
     _check_eval_length(args.length, methods, keep_ratios, configs.values())
-    outputs = {flag: _creatable(f"--{flag}", getattr(args, flag), folder=False)
-               for flag in ("json", "markdown", "plot") if getattr(args, flag)}
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs matplotlib: pip install 'proxykv[eval]'")
+    outputs = _eval_outputs(args)
     if note:
         print(f"proxykv eval: {note}", file=sys.stderr)
     config = EvalConfig(n=args.n or (4 if args.quick else 32), length=args.length,
@@ -530,16 +590,135 @@ def _eval(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UsageError(str(error)) from None
     command = "proxykv " + " ".join(shlex.quote(a) for a in args.argv)
-    table = markdown_table(records, command)  # ends with the summary (one JSON line)
-    print(table, end="")
+    # the table ends with the summary (one JSON line)
+    return _report_eval(records, markdown_table(records, command), outputs, plot)
+
+
+def _eval_outputs(args: argparse.Namespace) -> dict:
+    """``{flag: Path}`` of eval's ``--json``/``--markdown``/``--plot`` files, checked to be
+    creatable (and matplotlib importable for the plot)."""
+    import importlib.util
+
+    outputs = {flag: _creatable(f"--{flag}", getattr(args, flag), folder=False)
+               for flag in ("json", "markdown", "plot") if getattr(args, flag)}
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'proxykv[eval]'")
+    return outputs
+
+
+def _report_eval(records: list, report: str, outputs: dict, plot) -> int:
+    """Print eval's Markdown ``report`` and write the files of ``outputs``."""
+    import json
+
+    print(report, end="")
     if "json" in outputs:
         _write(outputs["json"], json.dumps(records, indent=1))
     if "markdown" in outputs:
-        _write(outputs["markdown"], table)
+        _write(outputs["markdown"], report)
     if "plot" in outputs:
         outputs["plot"].parent.mkdir(parents=True, exist_ok=True)
         plot(records, outputs["plot"])
     return 0
+
+
+def _suite(args: argparse.Namespace) -> str:
+    """``--suite``, or by default ``realtext`` for a target named by a registry checkpoint and
+    ``zoo`` otherwise."""
+    from pathlib import Path
+
+    if args.suite is not None:
+        return args.suite
+    named = args.target is not None and not Path(args.target).is_dir() and \
+        args.target in (_CheckpointNames._names() or ())
+    return "realtext" if named else "zoo"
+
+
+#: the committed aligners of a (registry checkpoint, early layers) pair, under proxykv/aligners
+_COMMITTED_ALIGNERS = {("gemma3-270m", 6): ("gemma3-270m-early6-axial",
+                                            "gemma3-270m-early6-linear")}
+
+
+def _eval_realtext(args: argparse.Namespace) -> int:
+    """``eval --suite realtext``: proxykv.realeval on a real checkpoint (folder or registry name)
+    with its early layers as the proxy, or a proxy folder."""
+    import shlex
+    from pathlib import Path
+
+    from proxykv.realeval import LENGTHS, RealEvalConfig
+    from proxykv.zoo.evaluate import KEEP_RATIOS, aligner_folders
+
+    if args.target is None:
+        raise UsageError("--suite realtext needs --target (a model folder or a checkpoint name, "
+                         "e.g. gemma3-270m)")
+    if args.proxy is not None and args.proxy_layers is not None:
+        raise UsageError("give --proxy DIR or --proxy-layers N, not both")
+    target_folder = _model_source("--target", args.target)
+    target_config = _model_folder("--target", target_folder, tokenizer=True)
+    total = int(target_config.get("num_hidden_layers", 0) or 0)
+    types = target_config.get("layer_types")
+    proxy_layers = args.proxy_layers
+    if args.proxy is None and proxy_layers is None:  # through the first full-attention layer
+        proxy_layers = (types.index("full_attention") + 1) if isinstance(types, list) and \
+            "full_attention" in types else max(1, total // 4)
+    if proxy_layers is not None and total and proxy_layers >= total:
+        raise UsageError(f"--proxy-layers {proxy_layers}: the target has {total} layers, so at "
+                         f"most {total - 1}")
+    proxy_config = _model_folder("--proxy", args.proxy, tokenizer=True) if args.proxy else None
+    folders = list(args.aligner or [])
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--aligner {folder}: no such folder")
+    if not folders and args.proxy is None:
+        committed = Path(__file__).parent / "aligners"
+        folders = [committed / name for name in
+                   _COMMITTED_ALIGNERS.get((args.target, proxy_layers), ())
+                   if (committed / name).is_dir()]
+    try:
+        aligners = aligner_folders(folders)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--aligner: {error}") from None
+    methods, note = _eval_methods(args.methods, set(aligners))
+    keep_ratios = tuple(args.keep_ratios or ((0.1, 0.3) if args.quick else KEEP_RATIOS))
+    _no_repeats("--keep-ratios", keep_ratios)
+    lengths = tuple(args.length or ((1024,) if args.quick else LENGTHS))
+    _no_repeats("--length", lengths)
+    for length in lengths:
+        if length < 256:
+            raise UsageError(f"--length {length}: the real-text tasks need at least 256 tokens "
+                             f"(their needles)")
+        _check_eval_length(length, methods, keep_ratios,
+                           [c for c in (target_config, proxy_config) if c is not None])
+    outputs = _eval_outputs(args)
+    if note:
+        print(f"proxykv eval: {note}", file=sys.stderr)
+    config = RealEvalConfig(lengths=lengths, n=args.n or (2 if args.quick else None),
+                            seed=args.seed, keep_ratios=keep_ratios, methods=methods)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxykv.hf import early_layers_proxy
+    from proxykv.realeval import markdown_report, plot_report, run_realtext_eval
+
+    with _transformers_output(args.verbose):
+        try:
+            target = AutoModelForCausalLM.from_pretrained(
+                str(target_folder), dtype=torch.float32).to(args.device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(str(target_folder))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--target {args.target}: {_first_line(error)}") from None
+        if proxy_layers is not None:
+            try:
+                proxy = early_layers_proxy(target, proxy_layers)
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"--proxy-layers {proxy_layers}: {error}") from None
+        else:
+            proxy = _load_model("--proxy", args.proxy, args.device)
+        try:
+            records = run_realtext_eval(target, proxy, tokenizer, aligners, config)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    command = "proxykv " + " ".join(shlex.quote(a) for a in args.argv)
+    return _report_eval(records, markdown_report(records, command), outputs, plot_report)
 
 
 class _CheckpointNames:
@@ -660,12 +839,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "aligner on them with every round(1/val-fraction)-th sample held out, and "
                     "save it into --out. Every argument is checked before a model is loaded.")
     align.add_argument("--target", required=True,
-                       help="target model folder (from_pretrained; holds config.json)")
-    align.add_argument("--proxy", required=True,
-                       help="proxy model folder (from_pretrained; same vocabulary as the target)")
-    align.add_argument("--prompts", required=True,
+                       help="target model folder (from_pretrained; holds config.json), or a "
+                            "registry checkpoint's name (proxykv fetch), built on first use")
+    align.add_argument("--proxy", default=None,
+                       help="proxy model folder (from_pretrained; same vocabulary as the "
+                            "target); or give --proxy-layers")
+    align.add_argument("--proxy-layers", type=_positive_int, default=None, metavar="N",
+                       help="the proxy is the target's first N layers (early_layers_proxy: "
+                            "shared weights); they must include a full-attention layer")
+    align.add_argument("--prompts", default=None,
                        help="text file, one prompt per line, at least 2 (\\n for a newline inside "
-                            "one; token ids separated by spaces if the target has no tokenizer)")
+                            "one; token ids separated by spaces if the target has no tokenizer); "
+                            "or give --corpus-prompts")
+    align.add_argument("--corpus-prompts", type=_positive_int, default=None, metavar="N",
+                       help="N prompts of --max-length tokens (default 1024) from the train part "
+                            "of proxykv.realtext's corpus (Python's reference documentation; "
+                            "the evaluation's contexts come from the other part), drawn from "
+                            "--seed")
     align.add_argument("--out", required=True,
                        help="folder to save the aligner into (created if needed)")
     align.add_argument("--aligner", default="axial", choices=available_aligners(),
@@ -727,14 +917,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a reduced run for CI: 4 samples per task, keep 0.1 and 0.3 "
                                "(--n and --keep-ratios still override it)")
     evaluate.add_argument("--n", type=_positive_int, default=None,
-                          help="samples per task, an integer >= 1 (default: 32; 4 with --quick)")
-    evaluate.add_argument("--length", type=_eval_length, default=1024,
-                          help=f"context tokens per sample, at least {MIN_EVAL_LENGTH} (the "
-                               "tasks' 16 key-value pairs); kvzip and proxykv_* run the context "
-                               "twice, so at most (max_position_embeddings - 1) // 2: 2047 for "
-                               "the zoo's pair. Each method must also be able to select at each "
-                               "keep ratio (snapkv always keeps its last 64) (default: "
-                               "%(default)s)")
+                          help="samples per task (zoo) or contexts per length (realtext), an "
+                               "integer >= 1 (default: 32; realtext 10/6/4/3 at 1k/2k/4k/8k; "
+                               "4 with --quick, realtext 2)")
+    evaluate.add_argument("--suite", choices=("zoo", "realtext"), default=None,
+                          help="the tasks: the zoo's (synthetic, 1 length) or proxykv.realtext's "
+                               "(pass key, key-value facts, a two-hop chain and continuation "
+                               "fidelity over Python's reference documentation, at several "
+                               "lengths) (default: realtext when --target names a registry "
+                               "checkpoint such as gemma3-270m, else zoo)")
+    evaluate.add_argument("--proxy-layers", type=_positive_int, default=None, metavar="N",
+                          help="realtext: the proxy is the target's first N layers "
+                               "(early_layers_proxy) (default without --proxy: through the "
+                               "target's first full-attention layer, 6 for gemma3-270m, whose "
+                               "committed aligners are then used)")
+    evaluate.add_argument("--length", type=_eval_length, default=None, nargs="+",
+                          metavar="LENGTH",
+                          help=f"context tokens per sample. zoo: one length, at least "
+                               f"{MIN_EVAL_LENGTH} (the tasks' 16 key-value pairs), default "
+                               "1024; kvzip and proxykv_* run the context twice, so at most "
+                               "(max_position_embeddings - 1) // 2: 2047 for the zoo's pair. "
+                               "realtext: one or more, each at least 256 (default: 1024 2048 "
+                               "4096 8192; 1024 with --quick). Each method must also be able to "
+                               "select at each keep ratio (snapkv always keeps its last 64)")
     evaluate.add_argument("--keep-ratios", type=_compressed_ratio, nargs="+", default=None,
                           metavar="RATIO",
                           help=f"keep ratios to evaluate, each in (0, 1) (the full cache is the "
@@ -751,9 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", default=None, metavar="FILE",
                           help="also write the accuracy plot (PNG) to FILE (needs matplotlib: "
                                "the eval extra)")
-    evaluate.add_argument("--target", default=None, metavar="DIR",
+    evaluate.add_argument("--target", default=None, metavar="DIR|NAME",
                           help="target model folder with config.json and a tokenizer; needs "
-                               "--proxy (default: the zoo's target)")
+                               "--proxy on the zoo's tasks (default: the zoo's target); or a "
+                               "registry checkpoint's name (proxykv fetch), built on first use")
     evaluate.add_argument("--proxy", default=None, metavar="DIR",
                           help="proxy model folder with config.json and a tokenizer; needs "
                                "--target (default: the zoo's proxy)")

@@ -59,3 +59,17 @@ def _seed_and_poison():
     torch.manual_seed(0)
     with poison_empty_allocations():
         yield
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real Gemma 3 270M (float32, eval mode) and its tokenizer, from the registry package
+    (``proxykv.hf.checkpoints``: converted once, then cached); loaded once per session."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from proxykv.hf.checkpoints import get
+
+    folder = get("gemma3-270m", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)

@@ -124,7 +124,7 @@ def test_numeric_flags_accept_their_bounds():
     assert parser.parse_args(["demo", "--keep-ratio", "1"]).keep_ratio == 1.0
     args = parser.parse_args(["eval", "--n", "1", "--length", str(cli.MIN_EVAL_LENGTH),
                               "--keep-ratios", "1e-3", "0.999", "--seed", "0"])
-    assert args.keep_ratios == [1e-3, 0.999] and args.length == cli.MIN_EVAL_LENGTH
+    assert args.keep_ratios == [1e-3, 0.999] and args.length == [cli.MIN_EVAL_LENGTH]
     args = parser.parse_args([*ZOO, "--threads", "1", "--steps-scale", "1e-4", "--eval-n", "0"])
     assert (args.threads, args.steps_scale, args.eval_n) == (1, 1e-4, 0)
 
@@ -259,6 +259,81 @@ def test_eval_checks_its_output_files_before_loading(tmp_path, no_loading, capsy
         assert f"{flag} {blocker / 'out'}: cannot create this file: {blocker} is a file" in line
     line = usage_error(["eval", "--quick", "--json", str(tmp_path)], capsys)
     assert f"--json {tmp_path}: exists and is not a file" in line
+    assert no_loading == []
+
+
+@pytest.fixture
+def real_folder(tmp_path):
+    """A folder that passes realtext's up-front checks: a Gemma-3-like config and a tokenizer
+    file."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    (folder / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+        "max_position_embeddings": 32768, "layer_types": types * 3}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_eval_realtext_checks_its_arguments_before_loading(real_folder, tmp_path, no_loading,
+                                                          capsys):
+    real = ["eval", "--suite", "realtext", "--target", str(real_folder)]
+    assert "--suite realtext needs --target" in usage_error(["eval", "--suite", "realtext"],
+                                                            capsys)
+    line = usage_error([*real, "--length", "1024", "100"], capsys)
+    assert "--length 100: the real-text tasks need at least 256 tokens" in line
+    line = usage_error([*real, "--length", "1024", "1024"], capsys)
+    assert "--length: 1024 given more than once" in line
+    assert "--proxy-layers 18: the target has 18 layers, so at most 17" in usage_error(
+        [*real, "--proxy-layers", "18"], capsys)
+    assert "give --proxy DIR or --proxy-layers N, not both" in usage_error(
+        [*real, "--proxy", str(real_folder), "--proxy-layers", "6"], capsys)
+    line = usage_error([*real, "--length", "20000"], capsys)
+    assert "--length 20000" in line and "at most 16383" in line
+    line = usage_error([*real, "--methods", "proxykv_axial"], capsys)
+    assert "needs a trained axial aligner" in line  # no committed aligner for this folder
+    assert no_loading == []
+
+
+def test_eval_zoo_takes_one_length_and_no_early_layers_proxy(no_loading, capsys):
+    line = usage_error(["eval", "--length", "512", "1024"], capsys)
+    assert "--length 512 1024: the zoo's tasks run at one length" in line
+    line = usage_error(["eval", "--proxy-layers", "2"], capsys)
+    assert "--proxy-layers: the zoo's tasks run on a pair of folders" in line
+    assert no_loading == []
+
+
+def test_eval_suite_defaults_to_realtext_for_a_named_checkpoint(real_folder):
+    parser = build_parser()
+    assert cli._suite(parser.parse_args(["eval", "--target", "gemma3-270m"])) == "realtext"
+    assert cli._suite(parser.parse_args(["eval", "--target", str(real_folder)])) == "zoo"
+    assert cli._suite(parser.parse_args(["eval"])) == "zoo"
+    assert cli._suite(parser.parse_args(["eval", "--suite", "realtext", "--target",
+                                         str(real_folder)])) == "realtext"
+
+
+def test_model_shape_counts_the_full_attention_layers():
+    assert cli._model_shape({"num_hidden_layers": 18, "num_attention_heads": 4,
+                             "num_key_value_heads": 1,
+                             "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3}
+                            ) == (3, 1)
+    assert cli._model_shape({"num_hidden_layers": 4, "num_attention_heads": 8}) == (4, 8)
+
+
+def test_align_train_takes_one_proxy_and_one_prompt_source(pair_folders, no_loading, capsys):
+    base = ["align-train", "--target", str(pair_folders / "target"), "--out",
+            str(pair_folders / "out")]
+    prompts = ["--prompts", str(pair_folders / "prompts.txt")]
+    for proxy in ([], ["--proxy", str(pair_folders / "proxy"), "--proxy-layers", "1"]):
+        line = usage_error([*base, *proxy, *prompts], capsys)
+        assert "give exactly one of --proxy DIR and --proxy-layers N" in line
+    for source in ([], [*prompts, "--corpus-prompts", "4"]):
+        line = usage_error([*base, "--proxy-layers", "1", *source], capsys)
+        assert "give exactly one of --prompts FILE and --corpus-prompts N" in line
+    line = usage_error(["align-train", "--target", "no-such-model", "--proxy-layers", "1",
+                        "--corpus-prompts", "4", "--out", str(pair_folders / "out")], capsys)
+    assert "--target no-such-model: no such folder, nor a checkpoint name (gemma3-270m" in line
     assert no_loading == []
 
 

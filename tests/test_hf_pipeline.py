@@ -93,23 +93,26 @@ class Oracle:
         out = logits.softmax(-1) @ v
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
-    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The full model's logits at every position of ``ids`` under the oracle's masks."""
         AttentionInterface.register(ORACLE, self.attention)
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(ORACLE)
         try:
-            for _ in range(new_tokens):
-                self.padding_mask = torch.ones_like(ids) if self.padding is None else torch.cat(
-                    [self.padding, torch.ones(ids.shape[0], ids.shape[1] - self.padding.shape[1],
-                                              dtype=self.padding.dtype)], dim=1)
-                positions = (self.padding_mask.cumsum(1) - 1).clamp_min(0)
-                with torch.no_grad():
-                    logits = self.model(input_ids=ids, position_ids=positions,
-                                        use_cache=False).logits[:, -1]
-                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            self.padding_mask = torch.ones_like(ids) if self.padding is None else torch.cat(
+                [self.padding, torch.ones(ids.shape[0], ids.shape[1] - self.padding.shape[1],
+                                          dtype=self.padding.dtype)], dim=1)
+            positions = (self.padding_mask.cumsum(1) - 1).clamp_min(0)
+            with torch.no_grad():
+                return self.model(input_ids=ids, position_ids=positions,
+                                  use_cache=False).logits.float()
         finally:
             self.model.set_attn_implementation(previous)
             AttentionInterface._global_mapping.pop(ORACLE, None)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, self.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return ids
 
 
@@ -194,6 +197,28 @@ def test_pruned_generation_equals_masked_oracle(models, arch, impl, policy, with
     oracle = Oracle(target, cache.selection.to_mask(), None, 40).generate(full_ids, 6)
     assert torch.equal(answer, oracle[:, 40:])
     assert torch.equal(own, oracle)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_over_a_pruned_cache_equal_the_masked_oracle(models, arch):
+    target, proxy = models[arch]
+    context, text = ids_of(1, 40, seed=7), ids_of(1, 9, seed=9)
+    with make(target, proxy, policy="head_budget", keep_ratio=0.5) as pipe:
+        cache = pipe.compress(context)
+        before = pipe.generate(text[:, :3], 4, cache=cache)
+        logits = pipe.logits(text, cache=cache)
+        tail = pipe.logits(text, cache=cache, last=3)
+        assert torch.equal(pipe.generate(text[:, :3], 4, cache=cache), before)  # restored
+        for last in (0, 10, 1.5):
+            with pytest.raises((ValueError, TypeError), match="last"):
+                pipe.logits(text, cache=cache, last=last)
+        with pytest.raises(TypeError, match="CompressedCache"):
+            pipe.logits(text, cache=None)
+    oracle = Oracle(target, cache.selection.to_mask(), None, 40).logits(
+        torch.cat([context, text], dim=1))[:, 40:]
+    assert logits.shape == (1, 9, VOCAB) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, oracle, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tail, logits[:, -3:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("policy", ["topk", "head_budget"])

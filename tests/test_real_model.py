@@ -26,39 +26,13 @@ pytest.importorskip("transformers")
 
 from proxykv.hf import ProxyKV, get_scorer
 from proxykv.hf.architectures import layer_layout
-from proxykv.hf.checkpoints import get as get_checkpoint
 from proxykv.policies import get_policy
+from proxykv.realtext import paragraphs
 
 pytestmark = pytest.mark.slow
 CONTEXT = 1000
 # The torch kernels: the suite runs with TRITON_INTERPRET=1, where impl=None would interpret the
 # Triton ones (minutes at these lengths; tests/test_hf_families.py runs them on the same paths).
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = get_checkpoint("gemma3-270m", progress=False)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
-
-
-def prose_paragraphs() -> list[str]:
-    """Prose paragraphs of Python's reference documentation, each on one line."""
-    from pydoc_data.topics import topics
-
-    paragraphs = []
-    for name in sorted(topics):
-        for block in topics[name].split("\n\n"):
-            lines = block.strip().splitlines()
-            if not lines or any(line.startswith(" ") for line in lines) or "***" in block \
-                    or "::=" in block:
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text) > 200 and text.count(".") >= 2:
-                paragraphs.append(text)
-    return paragraphs
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -75,7 +49,7 @@ def test_it_is_the_hybrid_model_the_notes_describe(gemma):
 
 def test_keep_everything_equals_greedy_generate_over_real_prose(gemma):
     model, tokenizer = gemma
-    text = " ".join(prose_paragraphs()[10:40])
+    text = " ".join(paragraphs("all")[10:40])
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :CONTEXT]
     assert ids.shape[1] == CONTEXT
     expected = greedy(model, ids, 12)
@@ -89,7 +63,7 @@ def pass_key_prompt(tokenizer, seed: int) -> tuple[int, torch.Tensor]:
     sentence the key completes."""
     rng = random.Random(seed)
     key = rng.randint(10000, 99999)
-    chosen = rng.sample(prose_paragraphs(), 14)
+    chosen = rng.sample(paragraphs("all"), 14)
     chosen.insert(rng.randint(2, 9), f"The pass key is {key}. Remember it. {key} is the pass key.")
     context = tokenizer(" ".join(chosen), return_tensors="pt").input_ids[:, :1100]
     question = tokenizer(" The pass key is", add_special_tokens=False,

@@ -534,27 +534,8 @@ class ProxyKV:
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                 generator=generator)
             return torch.cat([input_ids, new[:, 1:]], dim=1)
-        if not isinstance(cache, CompressedCache):
-            raise TypeError(f"cache must be a CompressedCache from ProxyKV.compress, got "
-                            f"{type(cache).__name__}")
-        if cache.owner is not self.target:
-            raise ValueError("cache was not made by this pipeline's target model: compress the "
-                             "context with this ProxyKV")
-        cache.check_usable()
-        if attention_mask is not None:
-            raise ValueError("a question continuing a compressed cache takes no attention_mask "
-                             "(it cannot be padded)")
-        question = _Prompt(self.target, input_ids, None)
-        if question.batch != cache.batch_size:
-            raise ValueError(f"input_ids has batch size {question.batch}, the compressed cache "
-                             f"{cache.batch_size}")
-        max_positions = getattr(self.target.config, "max_position_embeddings", None)
-        if max_positions is not None and \
-                max(cache.valid_lengths) + cache.appended + question.length + max_new_tokens - 1 \
-                > max_positions:
-            raise ValueError(f"the context ({max(cache.valid_lengths)} tokens), the question "
-                             f"({question.length}) and max_new_tokens={max_new_tokens} pass the "
-                             f"target's max_position_embeddings = {max_positions}")
+        question = self._continuation(input_ids, cache, attention_mask, max_new_tokens - 1,
+                                      f"max_new_tokens={max_new_tokens}")
         if penalty is not None and (cache.context_ids is None or cache.appended):
             raise ValueError("repetition_penalty needs the ids of everything the cache holds: a "
                              "cache fresh from compress (restore() it first)")
@@ -597,6 +578,59 @@ class ProxyKV:
             cache.restore()
         return torch.cat([question.ids.to(input_ids.dtype),
                           torch.stack(generated, dim=1).to(input_ids.dtype)], dim=1)
+
+    def logits(self, input_ids: torch.Tensor, *, cache: CompressedCache,
+               last: int | None = None) -> torch.Tensor:
+        """The target's logits, float32 ``[B, n, vocab]``, at every position of ``input_ids``
+        ``[B, n]`` continuing ``cache`` (teacher forcing: e.g. the log-likelihood of a known
+        continuation over the compressed context), or at the ``last`` positions only
+        (``[B, last]``, ``1 <= last <= n``: the output head's work is per position). The cache
+        is back to its compressed state afterwards, as after ``generate``. Raises as
+        ``generate`` does for a cache or ids that cannot continue it."""
+        self._check_open()
+        tokens = self._continuation(input_ids, cache, None, 0, "")
+        if last is not None:
+            check_int("last", last, minimum=1, maximum=tokens.length)
+        start = torch.tensor(cache.valid_lengths, device=tokens.device).unsqueeze(1) + \
+            cache.appended
+        try:
+            with torch.no_grad():
+                out = self.target(input_ids=tokens.ids,
+                                  position_ids=start + torch.arange(tokens.length,
+                                                                    device=tokens.device),
+                                  use_cache=True, logits_to_keep=last or 0,
+                                  **{_cache_argument(self.target): cache})
+        finally:
+            cache.restore()
+        return out.logits.float()
+
+    def _continuation(self, input_ids, cache, attention_mask, extra_positions: int,
+                      extra: str) -> _Prompt:
+        """``input_ids`` validated as the continuation of ``cache`` (a ``CompressedCache`` of this
+        pipeline's target, usable, same batch, no mask) with ``extra_positions`` more to come
+        (named ``extra`` in the error) within the target's positions."""
+        if not isinstance(cache, CompressedCache):
+            raise TypeError(f"cache must be a CompressedCache from ProxyKV.compress, got "
+                            f"{type(cache).__name__}")
+        if cache.owner is not self.target:
+            raise ValueError("cache was not made by this pipeline's target model: compress the "
+                             "context with this ProxyKV")
+        cache.check_usable()
+        if attention_mask is not None:
+            raise ValueError("a question continuing a compressed cache takes no attention_mask "
+                             "(it cannot be padded)")
+        question = _Prompt(self.target, input_ids, None)
+        if question.batch != cache.batch_size:
+            raise ValueError(f"input_ids has batch size {question.batch}, the compressed cache "
+                             f"{cache.batch_size}")
+        max_positions = getattr(self.target.config, "max_position_embeddings", None)
+        if max_positions is not None and \
+                max(cache.valid_lengths) + cache.appended + question.length + extra_positions \
+                > max_positions:
+            raise ValueError(f"the context ({max(cache.valid_lengths)} tokens), the input "
+                             f"({question.length})" + (f" and {extra}" if extra else "") +
+                             f" pass the target's max_position_embeddings = {max_positions}")
+        return question
 
     def _decoding(self, do_sample, temperature, top_k, top_p, repetition_penalty, generator):
         """``(choose(logits) -> ids, penalty(ids, logits) -> logits or None)`` from the arguments,

@@ -102,12 +102,18 @@ def _model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _kv_bytes(model, rows: int) -> int:
+def kv_bytes(model, rows: int) -> int:
+    """The bytes of ``model``'s KV cache holding ``rows`` tokens: full-attention layers hold them
+    all, sliding-window layers at most their window."""
+    from proxykv.hf.architectures import layer_layout
+
     config = model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * heads * head_dim * rows * element
+    layout = layer_layout(model)
+    held = len(layout.compressible) * rows + sum(min(rows, w) for w in layout.sliding.values())
+    return 2 * heads * head_dim * held * element
 
 
 def build_pipeline(name: str, target, proxy, aligners: dict, tokenizer, keep_ratio: float,
@@ -235,9 +241,9 @@ def _peak_bytes(target, proxy, rows: int, scorer: str, device) -> int | None:
         return None
     scored_rows = 2 * rows + 1 if scorer == "reconstruction" else rows
     if proxy is not None:
-        return (_model_bytes(target) + _kv_bytes(target, rows) + _model_bytes(proxy)
-                + _kv_bytes(proxy, scored_rows))
-    return _model_bytes(target) + _kv_bytes(target, scored_rows)
+        return (_model_bytes(target) + kv_bytes(target, rows) + _model_bytes(proxy)
+                + kv_bytes(proxy, scored_rows))
+    return _model_bytes(target) + kv_bytes(target, scored_rows)
 
 
 def _record(method: str, ratio: float, task: str, found: dict, config: EvalConfig) -> dict:
@@ -309,7 +315,7 @@ def summary(records: list[dict], ratio: float = 0.3) -> dict:
 
 def markdown_table(records: list[dict], command: str | None = None) -> str:
     ratios = sorted({r["keep_ratio"] for r in records if r["keep_ratio"] < 1.0})
-    tasks = [t for t in (*T.TASKS, "overall") if any(r["task"] == t for r in records)]
+    tasks = _tasks(records)
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
     lines = []
     if command:
@@ -349,31 +355,43 @@ def plot(records: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in (*T.TASKS, "overall") if any(r["task"] == t for r in records)]
+    tasks = _tasks(records)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), sharey=True)
     axes = [axes] if len(tasks) == 1 else list(axes)
-    ratios = sorted({r["keep_ratio"] for r in records if r["keep_ratio"] < 1.0})
     for ax, task in zip(axes, tasks):
-        for method in METHODS:
-            rows = [r for r in records if r["method"] == method and r["task"] == task]
-            if not rows:
-                continue
-            if len(rows) == 1 and rows[0]["keep_ratio"] == 1.0:
-                ax.axhline(rows[0]["accuracy"], color="black", linestyle=":", label=method)
-                continue
-            rows.sort(key=lambda r: r["keep_ratio"])
-            ax.plot([r["keep_ratio"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-                    label=method)
-        ax.set_title(task)
-        ax.set_xlabel("keep ratio")
-        ax.set_xticks(ratios)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        plot_panel(ax, records, task, task)
     axes[0].set_ylabel("accuracy")
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(str(path), dpi=120)
     plt.close(fig)
+
+
+def _tasks(records: list[dict]) -> list[str]:
+    """The records' tasks in the order they first appear, ``overall`` last."""
+    tasks = list(dict.fromkeys(r["task"] for r in records if r["task"] != "overall"))
+    return tasks + (["overall"] if any(r["task"] == "overall" for r in records) else [])
+
+
+def plot_panel(ax, records: list[dict], task: str, title: str) -> None:
+    """One panel of the accuracy plots: ``task``'s accuracy against keep ratio per method (the
+    full cache as a dotted line)."""
+    ratios = sorted({r["keep_ratio"] for r in records if r["keep_ratio"] < 1.0})
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method and r["task"] == task]
+        if not rows:
+            continue
+        if len(rows) == 1 and rows[0]["keep_ratio"] == 1.0:
+            ax.axhline(rows[0]["accuracy"], color="black", linestyle=":", label=method)
+            continue
+        rows.sort(key=lambda r: r["keep_ratio"])
+        ax.plot([r["keep_ratio"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                label=method)
+    ax.set_title(title)
+    ax.set_xlabel("keep ratio")
+    ax.set_xticks(ratios)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
 
 
 def aligner_folders(folders) -> dict[str, str]:
@@ -438,5 +456,5 @@ def load_pair(target_path=None, proxy_path=None, aligner_paths=None, device="cpu
     return target, proxy, tokenizer, aligners
 
 
-__all__ = ["EvalConfig", "KEEP_RATIOS", "METHODS", "Method", "build_pipeline", "load_pair",
-           "markdown_table", "plot", "run_eval", "summary"]
+__all__ = ["EvalConfig", "KEEP_RATIOS", "METHODS", "Method", "build_pipeline", "kv_bytes",
+           "load_pair", "markdown_table", "plot", "plot_panel", "run_eval", "summary"]
