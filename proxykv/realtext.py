@@ -1,10 +1,11 @@
 """Long-context tasks over real text, for evaluating KV-cache compression on pretrained models.
 
 The corpus: the prose paragraphs of CPython's reference documentation, ``pydoc_data.topics``
-(shipped with every CPython; PSF License 2.0, https://docs.python.org/3/license.html) — about
-34k Gemma 3 tokens (20k train, 10k eval, no paragraph in both). Its topics are split once, by name, into a **train** part (the aligner's
-prompts) and an **eval** part (the evaluation's contexts), so no evaluated paragraph was seen in
-training.
+(shipped with every CPython; PSF License 2.0, https://docs.python.org/3/license.html), each
+paragraph once — about 27k Gemma 3 tokens. Its topics are split once, by name, into a **train**
+part (the aligner's prompts; 18.7k tokens) and an **eval** part (the evaluation's contexts; 8.7k
+tokens, without any paragraph the train part also holds — topics repeat paragraphs of each
+other), so no evaluated paragraph was seen in training.
 
 A sample (:func:`eval_samples`) is a context of exactly ``length`` tokens: eval paragraphs in a
 seeded order, with needle sentences inserted at seeded depths, followed by the next
@@ -14,7 +15,9 @@ starts that the needle's value completes — the form a base model answers (an i
 question is continued, not answered, by a 270M base model):
 
 - ``passkey``: one 5-digit pass key;
-- ``kv``: :data:`KV_PAIRS` facts ``The number of the <colour> box is <4 digits>.``;
+- ``kv``: :data:`KV_PAIRS` facts, each a sentence start of its own completed by 4 digits
+  (``Captain Reyes keeps the spare key in locker 7302.``): facts of one template (``The number
+  of the red box is ...``) were answered with another fact's number by the full cache;
 - ``twohop``: ``<person>'s locker is the one with the <colour> door.`` and, later, ``The locker
   with the <colour> door has the code <4 digits>.``; asked in two steps (:func:`ask`), the
   second built from the model's own first answer — a 270M base model does not compose the two
