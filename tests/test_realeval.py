@@ -83,13 +83,19 @@ def test_a_run_records_every_task_method_and_ratio(setup, tmp_path):
         assert record["questions"] == count[record["task"]], record
         assert 0.0 <= record["accuracy"] <= 1.0
         assert record["length"] == LENGTH and record["n"] == 1
-        assert record["scoring_seconds"] >= record["prefill_seconds"] > 0
+        method = METHODS[record["method"]]
+        assert record["scoring_seconds"] > 0 and record["prefill_seconds"] > 0
+        if method.scorer == "random":  # the shared prefill is all their scoring
+            assert record["scoring_seconds"] == record["prefill_seconds"]
+        if method.aligner:  # the shared prefill, then the proxy's scoring and alignment
+            assert record["scoring_seconds"] == pytest.approx(
+                record["prefill_seconds"] + record["proxy_seconds"])
         recall = record["recall_vs_kvzip"]
         assert (recall is None) == (record["method"] in ("kvzip", "full")), record
         per_layer = record["recall_vs_kvzip_per_layer"]
         assert per_layer is None if recall is None else \
             (len(per_layer) == 3 and min(per_layer) <= recall <= max(per_layer))
-        assert (record["proxy_seconds"] is None) == (METHODS[record["method"]].aligner is None)
+        assert (record["proxy_seconds"] is None) == (method.aligner is None)
     full = {r["task"]: r for r in records if r["method"] == "full"}
     assert full["continuation"]["accuracy"] == 1.0  # agrees with itself
     assert full["continuation"]["nll"] == pytest.approx(full["continuation"]["nll_full"])
