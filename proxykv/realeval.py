@@ -83,10 +83,10 @@ class _Context:
         self._aligned: dict = {}
 
     def base(self):
-        """The plain prefill with the random scorer's scores (full, random, sink_recent)."""
+        """The plain prefill with the random scorer's scores (full, random, sink_recent: one
+        seeded scorer), through ``full``'s pipeline."""
         if self._base is None:
-            name = next(n for n, m in METHODS.items() if m.scorer == "random" and n in self.pipes)
-            self._base = self.pipes[name].score(self.ids)
+            self._base = self.pipes["full"].score(self.ids)
         return self._base
 
     def scored_for(self, name: str):
@@ -192,9 +192,11 @@ def run_realtext_eval(target, proxy, tokenizer, aligners: dict | None = None,
                             per_layer = (mask & reference_mask).sum((0, 2, 3)) / \
                                 reference_mask.sum((0, 2, 3)).clamp_min(1)
                             into["recall_per_layer"].append(per_layer.tolist())
-                        _ask_all(pipe, cache, sample, tokenizer, device, into,
-                                 time_decode=index == 0)
-                        log_probs, tokens = _continuation(pipe, cache, follow)
+                        first_token = _ask_all(pipe, cache, sample, tokenizer, device, into,
+                                               time_decode=index == 0)
+                        into["ttft"].append(cache.stats.seconds["total"] + first_token)
+                        log_probs, tokens = (reference, predicted) if name == "full" else \
+                            _continuation(pipe, cache, follow)
                         into["continuation"] += (tokens == predicted).tolist()
                         into["nll"].append(float(-log_probs.mean()))
                         into["nll_full"].append(float(-reference.mean()))
@@ -202,7 +204,6 @@ def run_realtext_eval(target, proxy, tokenizer, aligners: dict | None = None,
                         into["scoring"].append(scored.seconds["total"])
                         into["proxy"] += [scored.seconds["proxy_scoring"] +
                                           scored.seconds["align"]] if method.aligner else []
-                        into["ttft"][-1] += cache.stats.seconds["total"]
                         into["kept"].append(cache.stats.kv_bytes_after)
                         into["peak"].append(_peak_bytes(target, proxy, method, length, weights))
                 context.release()
@@ -229,23 +230,22 @@ def _warm_up(pipes: dict, proxy, tokenizer, device) -> None:
     context.release()
 
 
-_MEASURES = ("recall", "recall_per_layer", "continuation", "nll", "nll_full", "prefill", "scoring", "proxy", "ttft",
-             "decode", "kept", "peak")
+_MEASURES = ("recall", "recall_per_layer", "continuation", "nll", "nll_full", "prefill",
+             "scoring", "proxy", "ttft", "decode", "kept", "peak")
 
 
 def _new_measures() -> dict:
     return {"correct": {task: [] for task in R.NEEDLE_TASKS}, **{k: [] for k in _MEASURES}}
 
 
-def _ask_all(pipe, cache, sample, tokenizer, device, into: dict, time_decode: bool) -> None:
+def _ask_all(pipe, cache, sample, tokenizer, device, into: dict, time_decode: bool) -> float:
     """Ask each question of ``sample`` over ``cache`` (``realtext.greedy_starts_with``: one
-    teacher-forced forward per hop); the first question's first token is timed (``ttft``), and
-    with ``time_decode`` the decoding speed."""
+    teacher-forced forward per hop), with ``time_decode`` also timing decoding; returns the
+    seconds to the first question's first token."""
     first = _tokens(tokenizer, sample.questions[0].prompt, device)
     start = time.perf_counter()
     pipe.generate(first, 1, cache=cache, **GREEDY)
     one = time.perf_counter() - start
-    into["ttft"].append(one)
     if time_decode:
         start = time.perf_counter()
         pipe.generate(first, DECODE_TOKENS + 1, cache=cache, eos_token_id=[], **GREEDY)
@@ -259,6 +259,7 @@ def _ask_all(pipe, cache, sample, tokenizer, device, into: dict, time_decode: bo
 
     for question in sample.questions:
         into["correct"][question.task].append(R.ask(question, answers))
+    return one
 
 
 def _peak_bytes(target, proxy, method, rows: int, weights: int) -> int:

@@ -97,8 +97,19 @@ def test_a_run_records_every_task_method_and_ratio(setup, tmp_path):
             (len(per_layer) == 3 and min(per_layer) <= recall <= max(per_layer))
         assert (record["proxy_seconds"] is None) == (method.aligner is None)
     full = {r["task"]: r for r in records if r["method"] == "full"}
-    assert full["continuation"]["accuracy"] == 1.0  # agrees with itself
-    assert full["continuation"]["nll"] == pytest.approx(full["continuation"]["nll_full"])
+    # the continuation's reference is the model's own forward over the context and the text
+    sample = R.eval_samples(tokenizer, 1, LENGTH, seed=0)[0]
+    ids = torch.tensor([sample.context_ids + sample.continuation_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, LENGTH:-1].float()
+    text = ids[0, LENGTH + 1:]
+    nll = -logits.log_softmax(-1).gather(1, text[:, None]).mean()
+    assert full["continuation"]["nll_full"] == pytest.approx(float(nll), rel=1e-4)
+    assert full["continuation"]["nll"] == full["continuation"]["nll_full"]
+    assert full["continuation"]["accuracy"] == 1.0
+    for record in records:
+        if record["task"] == "continuation":
+            assert record["nll_full"] == full["continuation"]["nll_full"]
     kvzip = [r for r in records if r["method"] == "kvzip"]
     assert max(r["peak_bytes"] for r in kvzip) > full["overall"]["peak_bytes"]
 
