@@ -344,6 +344,7 @@ def markdown_report(records: list[dict], command: str | None = None) -> str:
     import json
 
     lines = [f"Produced by `{command}`.", ""] if command else []
+    lines += [f"Text: {R.CORPUS}; tasks and settings: proxykv.realtext, proxykv.realeval.", ""]
     for length in sorted({r["length"] for r in records}):
         rows = [r for r in records if r["length"] == length]
         n = rows[0]["n"]
